@@ -1,0 +1,7 @@
+"""modelshield: attack, audit and harden machine-learning models."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,171 @@
+"""Result types: one per family, JSON-serialisable, carrying config, seed, version, time.
+
+Every result is a dataclass deriving from :class:`Result`. ``to_dict()`` gives plain JSON
+types (tensors become ``{"dtype", "shape", "data"}`` records), ``from_dict()`` restores the
+same object, so a result written to disk reads back equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from modelshield import __version__
+from modelshield.core.errors import DataError
+
+R = TypeVar("R", bound="Result")
+
+_RESULT_TYPES: dict[str, type[Result]] = {}
+
+
+def encode(value: Any) -> Any:
+    """Turn tensors, tuples and dataclasses into JSON-compatible values."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        return {
+            "__tensor__": True,
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "shape": list(t.shape),
+            "data": t.flatten().tolist(),
+        }
+    if isinstance(value, Result):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        to_dict = getattr(value, "to_dict", None)
+        return to_dict() if callable(to_dict) else encode(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    return value
+
+
+def decode(value: Any) -> Any:
+    """Inverse of :func:`encode` for tensors and nested results."""
+    if isinstance(value, dict):
+        if value.get("__tensor__"):
+            dtype = getattr(torch, value["dtype"])
+            return torch.tensor(value["data"], dtype=dtype).reshape(value["shape"])
+        if "result_type" in value and value["result_type"] in _RESULT_TYPES:
+            return _RESULT_TYPES[value["result_type"]].from_dict(value)
+        return {k: decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    return value
+
+
+@dataclass
+class Result:
+    """Base of every result: what ran, with which seed, which version, how long."""
+
+    result_type: ClassVar[str] = "result"
+
+    config: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    wall_time: float = 0.0
+    version: str = __version__
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "result_type" in cls.__dict__:
+            _RESULT_TYPES[cls.result_type] = cls
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"result_type": self.result_type}
+        for f in dataclasses.fields(self):
+            out[f.name] = encode(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_dict(cls: type[R], d: dict[str, Any]) -> R:
+        kind = d.get("result_type", cls.result_type)
+        target = _RESULT_TYPES.get(kind, cls)
+        if not issubclass(target, cls):
+            raise DataError(f"result_type {kind!r} is not a {cls.__name__}")
+        names = {f.name for f in dataclasses.fields(target)}
+        kwargs = {k: decode(v) for k, v in d.items() if k in names}
+        return target(**kwargs)  # type: ignore[return-value]
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls: type[R], text: str) -> R:
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class AttackResult(Result):
+    """Outcome of an evasion attack on a batch.
+
+    ``success[i]``: the model's prediction on ``x_adv[i]`` meets the goal (untargeted: differs
+    from the true label, which includes points misclassified already; targeted: equals the
+    target). ``distance[i]``: the perturbation's size in the threat model's norm.
+    ``queries[i]``: model queries spent on sample ``i`` (forward passes for white-box attacks).
+    """
+
+    result_type: ClassVar[str] = "attack"
+
+    attack: str = ""
+    threat: dict[str, Any] = field(default_factory=dict)
+    x_adv: torch.Tensor | None = None
+    success: torch.Tensor | None = None
+    distance: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    clean_correct: torch.Tensor | None = None
+
+    @property
+    def success_rate(self) -> float:
+        if self.success is None or self.success.numel() == 0:
+            return float("nan")
+        return float(self.success.float().mean())
+
+    @property
+    def robust_accuracy(self) -> float:
+        """Fraction of samples still classified correctly after the attack (untargeted)."""
+        if self.success is None or self.success.numel() == 0:
+            return float("nan")
+        return float((~self.success.bool()).float().mean())
+
+    def summary(self, include_inputs: bool = False) -> dict[str, Any]:
+        """A compact dict without the adversarial inputs (those go to ``.npz``)."""
+        d = self.to_dict()
+        if not include_inputs:
+            d.pop("x_adv", None)
+        d["robust_accuracy"] = self.robust_accuracy
+        d["success_rate"] = self.success_rate
+        return d
+
+
+@dataclass
+class ProbeResult(Result):
+    """What one scan probe measured, graded by the rubric, with its advice.
+
+    ``status``: ``ok`` (ran), ``skipped`` (not applicable; ``reason`` says why) or
+    ``error`` (failed; ``reason`` holds the one-line error).
+    """
+
+    result_type: ClassVar[str] = "probe"
+
+    probe: str = ""
+    title: str = ""
+    risk: str = ""
+    status: str = "ok"
+    reason: str = ""
+    figure: dict[str, Any] = field(default_factory=dict)
+    grade: str | None = None
+    meaning: str = ""
+    recommendation: str = ""
+    threat: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    plots: list[dict[str, Any]] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
