@@ -176,7 +176,9 @@ class ClassifierOracle(Oracle):
 
     raw_output = "logits"
 
-    def __init__(self, classifier: Classifier, access: QueryAccess | None = None, **kwargs: object) -> None:
+    def __init__(
+        self, classifier: Classifier, access: QueryAccess | None = None, **kwargs: object
+    ) -> None:
         kwargs.setdefault("input_shape", classifier.input_shape)
         kwargs.setdefault("num_classes", classifier.num_classes)
         kwargs.setdefault("name", classifier.name)
@@ -188,6 +190,8 @@ class ClassifierOracle(Oracle):
         return self.classifier(x.to(self.classifier.device)).detach().cpu()
 
 
-def from_classifier(classifier: Classifier, access: QueryAccess | None = None, **kwargs: object) -> ClassifierOracle:
+def from_classifier(
+    classifier: Classifier, access: QueryAccess | None = None, **kwargs: object
+) -> ClassifierOracle:
     """Black-box view of a white-box classifier."""
     return ClassifierOracle(classifier, access, **kwargs)
