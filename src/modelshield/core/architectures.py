@@ -17,7 +17,9 @@ ARCHITECTURES: Registry[Callable[..., nn.Module]] = Registry("architectures")
 
 
 @ARCHITECTURES.register("mlp")
-def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 64)) -> nn.Module:
+def mlp(
+    input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 64)
+) -> nn.Module:
     """Multi-layer perceptron with ReLU on flattened inputs."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)

@@ -20,10 +20,11 @@ _KINDS: dict[str, Registry[Any]] = {}
 class Registry(Generic[T]):
     """A named collection of components of one kind (attacks, probes, architectures...)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, singular: str | None = None) -> None:
         if kind in _KINDS:
             raise InvalidConfigError(f"a registry for kind {kind!r} already exists")
         self.kind = kind
+        self.singular = singular or (kind[:-1] if kind.endswith("s") else kind)
         self._items: dict[str, T] = {}
         self._help: dict[str, str] = {}
         _KINDS[kind] = self
@@ -39,9 +40,9 @@ class Registry(Generic[T]):
 
     def add(self, name: str, obj: T, *, help: str | None = None) -> None:
         if not name or name != name.strip() or " " in name:
-            raise InvalidConfigError(f"{self.kind} name must be a non-empty word, got {name!r}")
+            raise InvalidConfigError(f"{self.singular} name must be a non-empty word, got {name!r}")
         if name in self._items:
-            raise InvalidConfigError(f"{self.kind} {name!r} is already registered")
+            raise InvalidConfigError(f"{self.singular} {name!r} is already registered")
         self._items[name] = obj
         doc = help if help is not None else (getattr(obj, "__doc__", None) or "")
         self._help[name] = doc.strip().splitlines()[0] if doc.strip() else ""
@@ -54,7 +55,7 @@ class Registry(Generic[T]):
             close = difflib.get_close_matches(name, self._items, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UnknownComponentError(
-                f"unknown {self.kind} {name!r}{hint}; known: {known}"
+                f"unknown {self.singular} {name!r}{hint}; known: {known}"
             ) from None
 
     def names(self) -> list[str]:

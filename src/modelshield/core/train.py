@@ -47,7 +47,7 @@ def train_classifier(
             loss = F.cross_entropy(module(xb), yb)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         logger.debug("epoch %d/%d loss %.4f", epoch + 1, epochs, total / max(n, 1))
     module.eval()
     return module

@@ -1,0 +1,3 @@
+from modelshield.cli.main import main
+
+main()

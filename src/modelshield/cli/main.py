@@ -1,0 +1,247 @@
+"""The ``modelshield`` command.
+
+Every user error ends as one line on stderr and exit code 2, never a traceback;
+``--debug`` shows tracebacks for reporting bugs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from modelshield import __version__
+from modelshield.core.errors import ModelShieldError
+
+logger = logging.getLogger("modelshield")
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"modelshield: error: {message}", err=True)
+    raise SystemExit(EXIT_USAGE)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname).1s %(name)s: %(message)s"))
+    root = logging.getLogger("modelshield")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _floats(text: str | None, name: str, count: int | None = None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"expected comma-separated numbers, got {text!r}", param_hint=name
+        ) from None
+    if not values or (count is not None and len(values) != count):
+        want = f"{count} " if count else ""
+        raise click.BadParameter(
+            f"expected {want}comma-separated numbers, got {text!r}", param_hint=name
+        )
+    return values
+
+
+class _Group(click.Group):
+    """Turns click's multi-line usage errors into our one-line form."""
+
+    def main(
+        self, args: Sequence[str] | None = None, prog_name: str | None = None, **kw: Any
+    ) -> Any:  # type: ignore[override]
+        debug = "--debug" in (sys.argv[1:] if args is None else list(args))
+        try:
+            return super().main(args=args, prog_name=prog_name, standalone_mode=False, **kw)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else "", err=False)
+            raise SystemExit(0) from None
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            _fail(f"{exc.format_message()}{hint}")
+        except click.exceptions.Abort:
+            click.echo("modelshield: aborted", err=True)
+            raise SystemExit(130) from None
+        except click.ClickException as exc:
+            _fail(exc.format_message())
+        except ModelShieldError as exc:
+            if debug:
+                raise
+            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except KeyboardInterrupt:
+            click.echo("modelshield: interrupted; re-run the same command to resume", err=True)
+            raise SystemExit(130) from None
+        except OSError as exc:
+            if debug:
+                raise
+            _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(
+    __version__, "--version", prog_name="modelshield", message="%(prog)s %(version)s"
+)
+@click.option("-v", "--verbose", count=True, help="More log output (debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks (for bug reports).")
+def cli(verbose: int, quiet: bool, debug: bool) -> None:
+    """modelshield: attack, audit and harden machine-learning models.
+
+    \b
+    Start with the demo (a small model trained on the spot, then scanned):
+      modelshield scan --demo --out demo-scan
+    Scan your own model:
+      modelshield scan --model model.pt2 --data test.npz --out my-scan
+    """
+    _setup_logging(verbose, quiet)
+
+
+@cli.command("scan")
+@click.option(
+    "--model",
+    "model",
+    type=click.Path(dir_okay=False),
+    help="Model file: torch.export .pt2, TorchScript, state_dict (+ --arch), ONNX, or a pickle (needs --trust-pickle).",
+)
+@click.option(
+    "--data",
+    "data",
+    type=click.Path(),
+    help="Test data: .npz (x, y), CSV, IDX, or an image folder.",
+)
+@click.option(
+    "--train-data",
+    "train_data",
+    type=click.Path(),
+    help="Training data (enables membership-inference and poisoning probes).",
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False),
+    default="modelshield-scan",
+    show_default=True,
+    help="Run directory; re-running on it resumes.",
+)
+@click.option("--demo", is_flag=True, help="Train a small model on bundled digits and scan it.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed for every random choice."
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (cuda if available), cpu, cuda, cuda:N or mps.",
+)
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Allow loading a full-pickle model file (this runs code from the file).",
+)
+@click.option(
+    "--arch",
+    help="Architecture for a state_dict file: 'package.module:factory' or a built-in name.",
+)
+@click.option(
+    "--profile",
+    type=click.Choice(["quick", "standard", "thorough"]),
+    default="standard",
+    show_default=True,
+    help="Cost of the scan.",
+)
+@click.option(
+    "--norm",
+    type=click.Choice(["linf", "l2", "l1"]),
+    default="linf",
+    show_default=True,
+    help="Threat norm of the evasion probes.",
+)
+@click.option("--bounds", default="0,1", show_default=True, help="Input value range LOW,HIGH.")
+@click.option(
+    "--mean",
+    help="Per-channel normalisation mean applied by the model adapter, e.g. 0.49,0.48,0.45.",
+)
+@click.option("--std", help="Per-channel normalisation std, e.g. 0.25,0.24,0.26.")
+@click.option("--label-column", help="CSV label column (default: 'label', else the last column).")
+@click.option(
+    "--only", multiple=True, help="Run only this probe (repeatable); see 'modelshield list probes'."
+)
+@click.option("--fresh", is_flag=True, help="Discard finished probes in --out and start over.")
+def scan_cmd(**opts: Any) -> None:
+    """Scan a model for evasion, stealing, poisoning and privacy risks; write report.html/json."""
+    from modelshield.scan.runner import ScanConfig, run_scan
+
+    if opts["demo"]:
+        if opts["model"] or opts["data"] or opts["train_data"]:
+            raise click.UsageError(
+                "--demo trains its own model and data; drop --model/--data/--train-data"
+            )
+        from modelshield.scan.demo import prepare_demo
+
+        model, train, test = prepare_demo(Path(opts["out"]) / "demo-inputs", seed=opts["seed"])
+        opts.update(model=str(model), data=str(test), train_data=str(train))
+    elif not opts["model"] and not opts["data"]:
+        raise click.UsageError("give --model and --data, or --demo")
+    bounds = _floats(opts["bounds"], "--bounds", 2)
+    cfg = ScanConfig(
+        model=opts["model"],
+        data=opts["data"],
+        train_data=opts["train_data"],
+        out=opts["out"],
+        seed=opts["seed"],
+        device=opts["device"],
+        trust_pickle=opts["trust_pickle"],
+        arch=opts["arch"],
+        profile=opts["profile"],
+        norm=opts["norm"],
+        bounds=(bounds[0], bounds[1]) if bounds else (0.0, 1.0),
+        mean=_floats(opts["mean"], "--mean"),
+        std=_floats(opts["std"], "--std"),
+        label_column=opts["label_column"],
+        only=list(opts["only"]),
+        fresh=opts["fresh"],
+        command="modelshield " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    outcome = run_scan(cfg)
+    for r in outcome.results:
+        figure = r.figure.get("value")
+        fig = f"{r.figure.get('name')}: {figure:.3g}" if isinstance(figure, (int, float)) else ""
+        state = r.grade if r.status == "ok" else r.status
+        click.echo(f"{r.probe:<20} {state!s:<8} {fig or r.reason}")
+    click.echo(f"report: {outcome.reports['html']}")
+    click.echo(f"report: {outcome.reports['json']}")
+
+
+@cli.command("list")
+@click.argument("kind", required=False)
+def list_cmd(kind: str | None) -> None:
+    """List registered components (attacks, probes, architectures); all kinds if KIND is omitted."""
+    from modelshield.core.registry import get_registry, registry_kinds
+    from modelshield.plugins import load_all
+
+    load_all()
+    kinds = [kind] if kind else registry_kinds()
+    for k in kinds:
+        reg = get_registry(k)
+        for name in reg.names():
+            click.echo(name if kind else f"{k}\t{name}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="modelshield")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

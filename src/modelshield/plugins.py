@@ -1,0 +1,16 @@
+"""Import every built-in package that registers components, so registries are complete."""
+
+from __future__ import annotations
+
+import importlib
+
+BUILTIN_MODULES = (
+    "modelshield.core.architectures",
+    "modelshield.evasion",
+    "modelshield.scan.probe",
+)
+
+
+def load_all() -> None:
+    for name in BUILTIN_MODULES:
+        importlib.import_module(name)

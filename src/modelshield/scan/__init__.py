@@ -1,0 +1,1 @@
+"""modelshield.scan."""

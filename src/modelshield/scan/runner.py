@@ -1,0 +1,235 @@
+"""The scan pipeline: load → plan → probes (resumable) → reports (DESIGN.md "Main job")."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import modelshield.scan.probe  # noqa: F401  (registers the built-in probes)
+from modelshield import __version__
+from modelshield.core.data import Dataset, load_dataset
+from modelshield.core.device import select_device
+from modelshield.core.errors import DataError, InvalidConfigError, ModelShieldError
+from modelshield.core.loading import LoadedModel, load_model
+from modelshield.core.results import ProbeResult
+from modelshield.core.seeding import check_seed, seed_everything
+from modelshield.core.threat import NORMS, check_bounds
+from modelshield.report import build_report, write_reports
+from modelshield.scan.context import PROFILES, ScanContext
+from modelshield.scan.probes import PROBES, Probe, ordered_probe_names
+from modelshield.scan.rubric import rubric_document
+from modelshield.scan.rundir import RunDir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScanConfig:
+    """Everything a scan is given; the CLI fills it from its flags."""
+
+    model: str | None = None
+    data: str | None = None
+    train_data: str | None = None
+    out: str = "modelshield-scan"
+    seed: int = 0
+    device: str = "auto"
+    trust_pickle: bool = False
+    arch: str | None = None
+    profile: str = "standard"
+    norm: str = "linf"
+    bounds: tuple[float, float] = (0.0, 1.0)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    label_column: str | None = None
+    only: list[str] = field(default_factory=list)
+    fresh: bool = False
+    command: str = ""
+
+    def validate(self) -> None:
+        if self.profile not in PROFILES:
+            raise InvalidConfigError(
+                f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}"
+            )
+        if self.norm not in NORMS:
+            raise InvalidConfigError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        check_seed(self.seed)
+        self.bounds = check_bounds(self.bounds)
+        for name in self.only:
+            PROBES.get(name)
+
+
+@dataclass
+class ScanOutcome:
+    out: Path
+    reports: dict[str, Path]
+    results: list[ProbeResult]
+    reused: list[str]
+
+
+def _describe(ds: Dataset | None) -> dict[str, Any] | None:
+    return ds.describe() if ds is not None else None
+
+
+def _load_inputs(
+    cfg: ScanConfig, device: torch.device
+) -> tuple[LoadedModel | None, Dataset | None, Dataset | None]:
+    data = (
+        load_dataset(cfg.data, label_column=cfg.label_column, bounds=cfg.bounds)
+        if cfg.data
+        else None
+    )
+    train = (
+        load_dataset(cfg.train_data, label_column=cfg.label_column, bounds=cfg.bounds)
+        if cfg.train_data
+        else None
+    )
+    if data is not None and train is not None and data.x.shape[1:] != train.x.shape[1:]:
+        raise DataError(
+            f"--data samples have shape {tuple(data.x.shape[1:])} but --train-data samples "
+            f"have {tuple(train.x.shape[1:])}"
+        )
+    model = None
+    if cfg.model:
+        ref = data if data is not None else train
+        model = load_model(
+            cfg.model,
+            trust_pickle=cfg.trust_pickle,
+            arch=cfg.arch,
+            input_shape=tuple(ref.x.shape[1:]) if ref is not None else None,
+            num_classes=None,
+            bounds=cfg.bounds,
+            mean=cfg.mean,
+            std=cfg.std,
+            device=device,
+        )
+        clf = model.classifier
+        for ds, flag in ((data, "--data"), (train, "--train-data")):
+            if (
+                clf is not None
+                and ds is not None
+                and len(ds.y)
+                and int(ds.y.max()) >= clf.num_classes
+            ):
+                raise DataError(
+                    f"{flag} has labels up to {int(ds.y.max())} but the model predicts "
+                    f"{clf.num_classes} classes (0..{clf.num_classes - 1})"
+                )
+    return model, data, train
+
+
+def _fingerprint(
+    cfg: ScanConfig, model: LoadedModel | None, data: Dataset | None, train: Dataset | None
+) -> dict[str, Any]:
+    def sha(ds: Dataset | None) -> str | None:
+        return ds.describe().get("sha256") if ds is not None else None
+
+    return {
+        "model_sha256": model.file.sha256 if model is not None else None,
+        "data_sha256": sha(data),
+        "train_data_sha256": sha(train),
+        "seed": cfg.seed,
+        "profile": cfg.profile,
+        "norm": cfg.norm,
+        "bounds": list(cfg.bounds),
+        "mean": cfg.mean,
+        "std": cfg.std,
+        "arch": cfg.arch,
+        "modelshield_version": __version__,
+    }
+
+
+def _run_probe(probe: Probe, ctx: ScanContext) -> ProbeResult:
+    try:
+        return probe.run(ctx)
+    except ModelShieldError as exc:
+        logger.warning("%s failed: %s", probe.name, exc)
+        reason = str(exc)
+    except Exception as exc:  # a bug or a model that breaks: record it, keep scanning
+        logger.error("%s crashed: %s: %s", probe.name, type(exc).__name__, exc)
+        logger.debug("%s", traceback.format_exc())
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return ProbeResult(
+        probe=probe.name,
+        title=probe.title,
+        risk=probe.risk,
+        status="error",
+        reason=reason,
+        seed=ctx.seed,
+    )
+
+
+def run_scan(cfg: ScanConfig) -> ScanOutcome:
+    """Run (or resume) a scan and write its reports; returns where they are."""
+    cfg.validate()
+    if not (cfg.model or cfg.data or cfg.train_data):
+        raise InvalidConfigError("nothing to scan: give --model and --data (or use --demo)")
+    started = time.time()
+    device = select_device(cfg.device)
+    seed_everything(cfg.seed)
+    model, data, train = _load_inputs(cfg, device)
+    run_dir = RunDir(cfg.out, _fingerprint(cfg, model, data, train), fresh=cfg.fresh)
+    ctx = ScanContext(
+        run_dir=run_dir,
+        model=model,
+        data=data,
+        train_data=train,
+        seed=cfg.seed,
+        device=device,
+        profile=cfg.profile,
+        norm=cfg.norm,
+    )
+    names = [n for n in ordered_probe_names() if not cfg.only or n in cfg.only]
+    plan: list[tuple[Probe, str | None]] = []
+    for name in names:
+        probe = PROBES.get(name)()
+        plan.append((probe, probe.applies(ctx)))
+    for probe, reason in plan:
+        logger.info("plan: %-18s %s", probe.name, "run" if reason is None else f"skip ({reason})")
+    results: list[ProbeResult] = []
+    reused: list[str] = []
+    for probe, reason in tqdm(plan, desc="probes", unit="probe", disable=None):
+        if reason is not None:
+            results.append(probe.skipped(reason, ctx))
+            continue
+        done = run_dir.finished(probe.name)
+        if done is not None:
+            logger.info("%s: finished in an earlier run, reusing its result", probe.name)
+            reused.append(probe.name)
+            results.append(done)
+            continue
+        seed_everything(cfg.seed)
+        result = _run_probe(probe, ctx)
+        if result.status == "ok":
+            run_dir.save(result)
+        results.append(result)
+    finished = time.time()
+    report = build_report(
+        probes=results,
+        run={
+            "id": uuid.uuid4().hex[:12],
+            "command": cfg.command,
+            "seed": cfg.seed,
+            "device": str(device),
+            "profile": cfg.profile,
+            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+            "finished": datetime.fromtimestamp(finished, timezone.utc).isoformat(),
+            "resumed_probes": reused,
+        },
+        target={
+            "model": model.file.to_dict() if model is not None else None,
+            "data": _describe(data),
+            "train_data": _describe(train),
+        },
+        rubric=rubric_document(),
+    )
+    paths = write_reports(report, run_dir.root)
+    return ScanOutcome(out=run_dir.root, reports=paths, results=results, reused=reused)

@@ -1,0 +1,169 @@
+"""The scan pipeline end to end: plan, probes, resumable run directory, reports."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from modelshield.report import load_schema
+from tests.conftest import CLI, Bundle, run_cli
+
+jsonschema = pytest.importorskip("jsonschema")
+
+
+def scan_args(bundle: Bundle, out: Path, *extra: str) -> list[str]:
+    return [
+        "scan",
+        "--model",
+        str(bundle.model_pt2),
+        "--data",
+        str(bundle.data),
+        "--train-data",
+        str(bundle.train),
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_scan_writes_valid_reports(tmp_path: Path, bundle: Bundle) -> None:
+    out = tmp_path / "scan"
+    r = run_cli(*scan_args(bundle, out, "--profile", "quick"))
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, load_schema())
+    probes = {p["probe"]: p for p in report["probes"]}
+    assert probes["model-file"]["grade"] == "A"
+    ev = probes["evasion-whitebox"]
+    assert ev["status"] == "ok" and ev["grade"] in "ABCDF"
+    curve = ev["details"]["curve"]
+    assert len(curve) == 3 and all(0 <= c["robust_accuracy"] <= 1 for c in curve)
+    lo, hi = ev["figure"]["ci"]
+    assert lo <= ev["figure"]["value"] <= hi
+    html = (out / "report.html").read_text()
+    assert 'id="probe-model-file"' in html and 'id="probe-evasion-whitebox"' in html
+    assert str(out / "report.html") in r.stdout
+
+
+def test_robust_accuracy_is_monotone_and_below_clean(tmp_path: Path, bundle: Bundle) -> None:
+    out = tmp_path / "scan"
+    assert (
+        run_cli(
+            *scan_args(bundle, out, "--profile", "standard", "--only", "evasion-whitebox")
+        ).returncode
+        == 0
+    )
+    ev = json.loads((out / "probes" / "evasion-whitebox.json").read_text())
+    clean = ev["details"]["clean_accuracy"]
+    accs = [c["robust_accuracy"] for c in ev["details"]["curve"]]
+    assert clean > 0.9  # the fixture model separates its blobs
+    assert accs[-1] < clean  # the attack does something at the largest eps
+    assert all(b <= a + 0.01 for a, b in itertools.pairwise(accs))
+
+
+def test_rerun_reuses_finished_probes(tmp_path: Path, bundle: Bundle) -> None:
+    out = tmp_path / "scan"
+    assert run_cli(*scan_args(bundle, out, "--profile", "quick")).returncode == 0
+    done = out / "probes" / "model-file.json"
+    before = (done.read_bytes(), done.stat().st_mtime_ns)
+    (out / "probes" / "evasion-whitebox.json").unlink()  # as if killed before it finished
+    r = run_cli(*scan_args(bundle, out, "--profile", "quick"))
+    assert r.returncode == 0, r.stderr
+    assert "model-file: finished in an earlier run" in r.stderr
+    assert "reusing checkpoint" in r.stderr  # the evasion probe's eps steps were kept
+    assert (done.read_bytes(), done.stat().st_mtime_ns) == before
+    report = json.loads((out / "report.json").read_text())
+    assert "model-file" in report["run"]["resumed_probes"]
+
+
+def test_kill_mid_scan_then_resume(tmp_path: Path, bundle: Bundle) -> None:
+    """SIGKILL after the first probe and an eps checkpoint; the rerun recomputes neither."""
+    out = tmp_path / "scan"
+    args = scan_args(bundle, out, "--profile", "thorough")
+    proc = subprocess.Popen(
+        [*CLI, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    partial = out / "partial" / "evasion-whitebox"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (
+            (out / "probes" / "model-file.json").exists()
+            and partial.exists()
+            and any(partial.glob("*.json"))
+        ):
+            break
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.fail("scan finished before it could be interrupted; make the fixture slower")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "report.json").exists()
+    kept = {p.name: p.read_bytes() for p in partial.glob("*.json")}
+    done = (out / "probes" / "model-file.json").read_bytes()
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert (out / "probes" / "model-file.json").read_bytes() == done
+    for name, blob in kept.items():
+        assert (partial / name).read_bytes() == blob
+    assert r.stderr.count("reusing checkpoint") >= len(kept)
+    assert json.loads((out / "report.json").read_text())["probes"]
+
+
+def test_other_inputs_refuse_the_same_out(tmp_path: Path, bundle: Bundle) -> None:
+    out = tmp_path / "scan"
+    assert (
+        run_cli(*scan_args(bundle, out, "--profile", "quick", "--only", "model-file")).returncode
+        == 0
+    )
+    r = run_cli(
+        *scan_args(bundle, out, "--profile", "quick", "--only", "model-file", "--seed", "5")
+    )
+    assert r.returncode == 2 and "seed" in r.stderr and "--fresh" in r.stderr
+    r = run_cli(
+        *scan_args(
+            bundle, out, "--profile", "quick", "--only", "model-file", "--seed", "5", "--fresh"
+        )
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def test_onnx_model_skips_white_box_with_reason(tmp_path: Path, bundle: Bundle) -> None:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(
+        bundle.module,
+        (torch.zeros(1, 1, 6, 6),),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes={"x": {0: "n"}},
+    )
+    out = tmp_path / "scan"
+    r = run_cli(
+        "scan",
+        "--model",
+        str(path),
+        "--data",
+        str(bundle.data),
+        "--out",
+        str(out),
+        "--profile",
+        "quick",
+    )
+    assert r.returncode == 0, r.stderr
+    probes = {p["probe"]: p for p in json.loads((out / "report.json").read_text())["probes"]}
+    assert probes["model-file"]["grade"] == "A"
+    assert probes["evasion-whitebox"]["status"] == "skipped"
+    assert "gradients" in probes["evasion-whitebox"]["reason"]
