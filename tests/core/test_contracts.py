@@ -49,7 +49,13 @@ def test_lp_threat_is_frozen_and_round_trips() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"output": "scores"}, {"max_queries": -1}, {"max_queries": 1.5}, {"decimals": 20}, {"top_k": 0}],
+    [
+        {"output": "scores"},
+        {"max_queries": -1},
+        {"max_queries": 1.5},
+        {"decimals": 20},
+        {"top_k": 0},
+    ],
 )
 def test_query_access_rejects_bad_values(kwargs: dict) -> None:
     with pytest.raises(InvalidConfigError):

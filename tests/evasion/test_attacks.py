@@ -74,8 +74,13 @@ def test_pgd_targeted_needs_target_and_reaches_it(toy) -> None:
 def make_models():
     torch.manual_seed(1)
     flat = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
-    conv = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3))
-    return [(from_torch(flat, input_shape=(12,)), (12,)), (from_torch(conv, input_shape=(2, 4, 4)), (2, 4, 4))]
+    conv = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 3)
+    )
+    return [
+        (from_torch(flat, input_shape=(12,)), (12,)),
+        (from_torch(conv, input_shape=(2, 4, 4)), (2, 4, 4)),
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS.names()))
@@ -121,4 +126,7 @@ def test_pgd_at_least_as_strong_as_fgsm() -> None:
     x = torch.rand(200, *shape, generator=torch.Generator().manual_seed(0))
     y = model.predict(x)
     t = LpThreat("linf", 0.05)
-    assert pgd(model, x, y, threat=t, steps=20).robust_accuracy <= fgsm(model, x, y, threat=t).robust_accuracy
+    assert (
+        pgd(model, x, y, threat=t, steps=20).robust_accuracy
+        <= fgsm(model, x, y, threat=t).robust_accuracy
+    )

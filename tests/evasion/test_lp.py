@@ -29,7 +29,9 @@ def test_l1_projection_is_the_euclidean_projection() -> None:
         q = _lp.sample_ball((8, 6), "l1", 1.0, generator=g, dtype=torch.float64)
         assert ((v - q).norm(dim=1) >= (v - p).norm(dim=1) - 1e-9).all()
     # closed form for one vector: v = (3, 1), eps = 1 → theta = 1 → (1, 0)
-    assert torch.allclose(_lp.project(torch.tensor([[3.0, 1.0]]), "l1", 1.0), torch.tensor([[1.0, 0.0]]))
+    assert torch.allclose(
+        _lp.project(torch.tensor([[3.0, 1.0]]), "l1", 1.0), torch.tensor([[1.0, 0.0]])
+    )
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2", "l1"])

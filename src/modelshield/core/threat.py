@@ -53,7 +53,12 @@ class LpThreat:
             raise InvalidConfigError(f"targeted must be a bool, got {self.targeted!r}")
 
     def to_dict(self) -> dict[str, object]:
-        return {"norm": self.norm, "eps": self.eps, "bounds": list(self.bounds), "targeted": self.targeted}
+        return {
+            "norm": self.norm,
+            "eps": self.eps,
+            "bounds": list(self.bounds),
+            "targeted": self.targeted,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> LpThreat:

@@ -99,7 +99,7 @@ def steepest_ascent(grad: torch.Tensor, norm: str, *, l1_sparsity: float = 0.99)
     if not 0.0 <= l1_sparsity <= 1.0:
         raise InvalidConfigError(f"l1_sparsity must be in [0, 1], got {l1_sparsity}")
     d = flat.shape[1]
-    k = max(1, int(round((1.0 - l1_sparsity) * d)))
+    k = max(1, round((1.0 - l1_sparsity) * d))
     abs_g = flat.abs()
     thresh = abs_g.topk(k, dim=1).values[:, -1:]
     mask = (abs_g >= thresh) & (abs_g > 0)

@@ -39,7 +39,10 @@ def fgsm(
     if random_start:
         g = make_generator(seed, x.device)
         start = _lp.clip_to_bounds(
-            x + _lp.sample_ball(x.shape, threat.norm, threat.eps, generator=g, device=x.device, dtype=x.dtype),
+            x
+            + _lp.sample_ball(
+                x.shape, threat.norm, threat.eps, generator=g, device=x.device, dtype=x.dtype
+            ),
             threat.bounds,
         )
     step = threat.eps if alpha is None else alpha
@@ -52,6 +55,16 @@ def fgsm(
     config = {"random_start": random_start, "alpha": step, "loss": loss}
     queries = torch.ones(len(x), dtype=torch.long)
     return finalize(
-        model, x, y, x_adv, threat, attack="fgsm", queries=queries, config=config,
-        seed=seed, started=started, out_device=out_device, out_dtype=out_dtype,
+        model,
+        x,
+        y,
+        x_adv,
+        threat,
+        attack="fgsm",
+        queries=queries,
+        config=config,
+        seed=seed,
+        started=started,
+        out_device=out_device,
+        out_dtype=out_dtype,
     )

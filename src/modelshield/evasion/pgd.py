@@ -120,8 +120,16 @@ def pgd(
         if not len(todo):
             break
         x_r, s_r, q_r = _pgd_run(
-            model, x[todo], goal[todo], threat, steps=steps, step_size=alpha,
-            random_start=random_start, loss=loss, l1_sparsity=l1_sparsity, generator=g,
+            model,
+            x[todo],
+            goal[todo],
+            threat,
+            steps=steps,
+            step_size=alpha,
+            random_start=random_start,
+            loss=loss,
+            l1_sparsity=l1_sparsity,
+            generator=g,
         )
         queries[todo] += q_r
         best[todo] = torch.where(
@@ -129,12 +137,25 @@ def pgd(
         )
         fooled[todo] |= s_r
     config = {
-        "steps": steps, "step_size": alpha, "restarts": restarts,
-        "random_start": random_start, "loss": loss,
+        "steps": steps,
+        "step_size": alpha,
+        "restarts": restarts,
+        "random_start": random_start,
+        "loss": loss,
     }
     if threat.norm == "l1":
         config["l1_sparsity"] = l1_sparsity
     return finalize(
-        model, x, goal, best, threat, attack="pgd", queries=queries.cpu(), config=config,
-        seed=seed, started=started, out_device=out_device, out_dtype=out_dtype,
+        model,
+        x,
+        goal,
+        best,
+        threat,
+        attack="pgd",
+        queries=queries.cpu(),
+        config=config,
+        seed=seed,
+        started=started,
+        out_device=out_device,
+        out_dtype=out_dtype,
     )

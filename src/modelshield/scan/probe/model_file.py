@@ -9,7 +9,6 @@ from modelshield.scan.context import ScanContext
 from modelshield.scan.probes import Probe, register_probe
 from modelshield.scan.rubric import grade_supply_chain
 
-
 _FORMAT_NAMES = {
     "export": "a torch.export program",
     "torchscript": "a TorchScript archive",
