@@ -58,9 +58,9 @@ def _floats(text: str | None, name: str, count: int | None = None) -> list[float
 class _Group(click.Group):
     """Turns click's multi-line usage errors into our one-line form."""
 
-    def main(
+    def main(  # type: ignore[override]
         self, args: Sequence[str] | None = None, prog_name: str | None = None, **kw: Any
-    ) -> Any:  # type: ignore[override]
+    ) -> Any:
         debug = "--debug" in (sys.argv[1:] if args is None else list(args))
         try:
             return super().main(args=args, prog_name=prog_name, standalone_mode=False, **kw)

@@ -8,6 +8,7 @@ the reference eps with its Clopper–Pearson interval.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -143,7 +144,7 @@ class WhiteBoxEvasionProbe(Probe):
 
         rows = [
             ctx.run_dir.checkpoint(
-                self.name, f"{ctx.norm}-eps{i}-{eps:.6g}", lambda i=i, e=eps: at_eps(i, e)
+                self.name, f"{ctx.norm}-eps{i}-{eps:.6g}", functools.partial(at_eps, i, eps)
             )
             for i, eps in enumerate(grid)
         ]
