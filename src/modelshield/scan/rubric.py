@@ -34,11 +34,13 @@ REFERENCE_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 10.0}
 the usual CIFAR-10 benchmark budgets (RobustBench L∞ 8/255, L2 0.5; L1 10 as in Croce & Hein 2021)."""
 
 
-def grade_supply_chain(fmt: str, dangerous: list[str], unknown: list[str]) -> tuple[str, str]:
-    """Grade a model file from its format and the globals its pickle imports."""
+def grade_supply_chain(
+    needed_trust: bool, dangerous: list[str], unknown: list[str]
+) -> tuple[str, str]:
+    """Grade a model file by whether loading it ran pickle code, and what that code imports."""
     if dangerous:
         return "F", SUPPLY_CHAIN_RULES["F"]
-    if fmt == "pickle":
+    if needed_trust:
         key = "D" if unknown else "C"
         return key, SUPPLY_CHAIN_RULES[key]
     return "A", SUPPLY_CHAIN_RULES["A"]

@@ -40,7 +40,7 @@ class ModelFileProbe(Probe):
         dangerous = list(pk.dangerous) if pk is not None else []
         unknown = list(pk.unknown) if pk is not None else []
         fmt = ctx.model.kind
-        grade, rule = grade_supply_chain(fmt, dangerous, unknown)
+        grade, rule = grade_supply_chain(report.trusted_pickle, dangerous, unknown)
         n_globals = len(pk.globals) if pk is not None else 0
         if grade == "A":
             meaning = (
