@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	# torch first: 2.13.0 is the CPU build on this machine's disk (plain `torch` would pull CUDA)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# peers for side-by-side tests and benchmarks; torchattacks' metadata pins an old requests
+	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
 install: $(STAMP)

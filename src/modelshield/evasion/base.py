@@ -9,34 +9,101 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from modelshield.core.classifier import Classifier
 from modelshield.core.errors import DataError, InvalidConfigError
+from modelshield.core.oracle import Oracle
 from modelshield.core.registry import Registry
 from modelshield.core.results import AttackResult
 from modelshield.core.threat import LpThreat
 from modelshield.evasion import _lp
 
-ATTACKS: Registry[Callable[..., AttackResult]] = Registry("attacks")
+Access = Literal["white-box", "scores", "label"]
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """A registered attack: the function and what it needs.
+
+    ``access``: ``white-box`` attacks take a :class:`Classifier` (gradients); ``scores``
+    and ``label`` attacks take an :class:`Oracle` answering with scores or labels only.
+    White-box attacks are called ``fn(model, x, y, *, threat, seed, ...)``; black-box ones
+    ``fn(oracle, x, y, *, threat, seed, ...)`` and spend the oracle's query budget.
+    """
+
+    name: str
+    fn: Callable[..., AttackResult]
+    access: Access
+    norms: tuple[str, ...]
+    targeted: bool = True
+    minimal: bool = False
+    """True for minimum-norm attacks (C&W): ``threat.eps`` caps the distance they report."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> AttackResult:
+        return self.fn(*args, **kwargs)
+
+
+ATTACKS: Registry[AttackSpec] = Registry("attacks")
+
+
+def register_attack(
+    name: str,
+    *,
+    access: Access = "white-box",
+    norms: tuple[str, ...] = ("linf", "l2", "l1"),
+    targeted: bool = True,
+    minimal: bool = False,
+) -> Callable[[Callable[..., AttackResult]], Callable[..., AttackResult]]:
+    """Decorator registering an attack function with what it needs."""
+
+    def deco(fn: Callable[..., AttackResult]) -> Callable[..., AttackResult]:
+        ATTACKS.add(
+            name,
+            AttackSpec(name, fn, access, norms, targeted, minimal),
+            help=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
+        )
+        return fn
+
+    return deco
+
+
+def check_norm(spec_name: str, threat: LpThreat, norms: tuple[str, ...]) -> None:
+    if threat.norm not in norms:
+        raise InvalidConfigError(
+            f"{spec_name} supports norm {', '.join(norms)}; got norm={threat.norm!r}"
+        )
 
 
 def check_batch(
-    model: Classifier, x: torch.Tensor, y: torch.Tensor, threat: LpThreat
+    model: Classifier | Oracle, x: torch.Tensor, y: torch.Tensor, threat: LpThreat
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate a batch and move it to the model's device (dtype kept)."""
-    model.check_input(x)
+    """Validate a batch; for a Classifier move it to the model's device (dtype kept)."""
+    if isinstance(model, Classifier):
+        model.check_input(x)
+    else:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
+            raise DataError("inputs must be a floating-point batch tensor (N, ...)")
+        if model.input_shape is not None and tuple(x.shape[1:]) != tuple(model.input_shape):
+            raise DataError(
+                f"inputs have shape {tuple(x.shape)} but the oracle expects (N, "
+                f"{', '.join(map(str, model.input_shape))})"
+            )
     if not isinstance(y, torch.Tensor) or y.ndim != 1 or len(y) != len(x):
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise DataError(f"labels must be a vector of length {len(x)}, got {shape}")
     if y.dtype in (torch.float16, torch.float32, torch.float64, torch.bool):
         raise DataError(f"labels must be integers, got dtype {y.dtype}")
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= model.num_classes):
+    num_classes = model.num_classes
+    if len(y) and int(y.min()) < 0:
+        raise DataError(f"labels must be >= 0, got {int(y.min())}")
+    if len(y) and num_classes is not None and int(y.max()) >= num_classes:
         raise DataError(
-            f"labels must lie in [0, {model.num_classes - 1}], got [{int(y.min())}, {int(y.max())}]"
+            f"labels must lie in [0, {num_classes - 1}], got [{int(y.min())}, {int(y.max())}]"
         )
     if not bool(torch.isfinite(x).all()):
         raise DataError("inputs contain NaN or infinite values")
@@ -46,7 +113,9 @@ def check_batch(
         raise DataError(
             f"inputs lie in [{float(x.min()):.4g}, {float(x.max()):.4g}], outside bounds {threat.bounds}"
         )
-    return x.to(model.device), y.to(model.device).long()
+    if isinstance(model, Classifier):
+        return x.to(model.device), y.to(model.device).long()
+    return x, y.long()
 
 
 def attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
@@ -100,4 +169,42 @@ def finalize(
         distance=distance.float().cpu(),
         queries=(queries + 2).cpu(),
         clean_correct=(pred_clean == y).cpu() if not threat.targeted else None,
+    )
+
+
+def finalize_oracle(
+    oracle: Oracle,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_adv: torch.Tensor,
+    success: torch.Tensor,
+    threat: LpThreat,
+    *,
+    attack: str,
+    queries: torch.Tensor,
+    config: dict[str, Any],
+    seed: int | None,
+    started: float,
+) -> AttackResult:
+    """The guard for black-box attacks, which must not spend queries to re-check.
+
+    The inputs are projected into the threat set; a point the projection moves (beyond
+    float rounding) loses its success, since the oracle never judged the projected point.
+    """
+    with torch.no_grad():
+        projected = _lp.project_to_threat(x_adv.detach(), x, threat.norm, threat.eps, threat.bounds)
+        moved = (projected - x_adv).flatten(1).abs().amax(dim=1) > 1e-6
+        success = success.bool() & ~moved.to(success.device)
+        distance = _lp.lp_norm(projected - x, threat.norm)
+    return AttackResult(
+        config=config,
+        seed=seed,
+        wall_time=time.perf_counter() - started,
+        attack=attack,
+        threat=threat.to_dict(),
+        x_adv=projected,
+        success=success.cpu(),
+        distance=distance.float().cpu(),
+        queries=queries.cpu(),
+        clean_correct=None,
     )

@@ -15,10 +15,10 @@ from modelshield.core.results import AttackResult
 from modelshield.core.seeding import make_generator
 from modelshield.core.threat import LpThreat
 from modelshield.evasion import _lp
-from modelshield.evasion.base import ATTACKS, attack_loss, check_batch, finalize
+from modelshield.evasion.base import attack_loss, check_batch, finalize, register_attack
 
 
-@ATTACKS.register("fgsm")
+@register_attack("fgsm")
 def fgsm(
     model: Classifier,
     x: torch.Tensor,

@@ -19,7 +19,13 @@ from modelshield.core.results import AttackResult
 from modelshield.core.seeding import make_generator
 from modelshield.core.threat import LpThreat
 from modelshield.evasion import _lp
-from modelshield.evasion.base import ATTACKS, attack_loss, check_batch, finalize, is_success
+from modelshield.evasion.base import (
+    attack_loss,
+    check_batch,
+    finalize,
+    is_success,
+    register_attack,
+)
 
 
 def _pgd_run(
@@ -74,7 +80,7 @@ def _pgd_run(
     return x_adv, success, queries
 
 
-@ATTACKS.register("pgd")
+@register_attack("pgd")
 def pgd(
     model: Classifier,
     x: torch.Tensor,
