@@ -223,6 +223,91 @@ def scan_cmd(**opts: Any) -> None:
     click.echo(f"report: {outcome.reports['json']}")
 
 
+@cli.command("attack")
+@click.argument("name")
+@click.option("--model", "model", type=click.Path(dir_okay=False), help="Model file (as for scan).")
+@click.option(
+    "--oracle",
+    "oracle_url",
+    help="Attack an HTTP prediction endpoint instead (black-box attacks only).",
+)
+@click.option(
+    "--oracle-output",
+    type=click.Choice(["logits", "probs", "label"]),
+    default="probs",
+    show_default=True,
+    help="What the endpoint returns.",
+)
+@click.option(
+    "--input-field",
+    default="inputs",
+    show_default=True,
+    help="JSON field of the endpoint's request.",
+)
+@click.option(
+    "--output-field",
+    default="outputs",
+    show_default=True,
+    help="JSON field (dotted path) of the endpoint's reply.",
+)
+@click.option(
+    "--data",
+    "data",
+    required=True,
+    type=click.Path(),
+    help="Data to attack (.npz, CSV, IDX, image folder).",
+)
+@click.option("--norm", type=click.Choice(["linf", "l2", "l1"]), default="linf", show_default=True)
+@click.option("--eps", type=float, required=True, help="Perturbation budget in the input space.")
+@click.option("--steps", type=int, help="Iterations (attacks with steps).")
+@click.option(
+    "--targeted",
+    is_flag=True,
+    help="Targeted attack: random target class per sample (or --target-class).",
+)
+@click.option(
+    "--target-class", type=int, help="With --targeted: one target class for every sample."
+)
+@click.option(
+    "--max-queries",
+    type=int,
+    help="Query budget per sample for black-box attacks (the oracle enforces N times it).",
+)
+@click.option("--n", "n", type=int, help="Attack only the first N samples.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Writes result.json and adversarial.npz here.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--trust-pickle", is_flag=True, help="Allow a full-pickle model file (runs code from it)."
+)
+@click.option("--arch", help="Architecture for a state_dict file.")
+@click.option("--bounds", default="0,1", show_default=True, help="Input value range LOW,HIGH.")
+@click.option("--mean", help="Per-channel normalisation mean applied by the adapter.")
+@click.option("--std", help="Per-channel normalisation std.")
+def attack_cmd(**opts: Any) -> None:
+    """Run attack NAME on a model (or endpoint) and data; see 'modelshield list attacks'."""
+    from modelshield.cli.attack import run_attack_command
+
+    bounds = _floats(opts["bounds"], "--bounds", 2) or [0.0, 1.0]
+    opts["bounds"] = (bounds[0], bounds[1])
+    opts["mean"] = _floats(opts["mean"], "--mean")
+    opts["std"] = _floats(opts["std"], "--std")
+    summary = run_attack_command(**opts)
+    click.echo(
+        f"{summary['attack']}: clean accuracy {summary['clean_accuracy']:.3f}, robust accuracy "
+        f"{summary['robust_accuracy']:.3f} at {summary['threat']['norm']} eps {summary['threat']['eps']:g}"
+    )
+    click.echo(f"result: {summary['paths']['result']}")
+    click.echo(f"adversarial: {summary['paths']['adversarial']}")
+
+
 @cli.command("list")
 @click.argument("kind", required=False)
 def list_cmd(kind: str | None) -> None:

@@ -30,6 +30,7 @@ from torch import nn
 from modelshield.core.classifier import Classifier, from_torch
 from modelshield.core.device import select_device
 from modelshield.core.errors import (
+    DataError,
     InvalidConfigError,
     ModelLoadError,
     ModelShieldError,
@@ -698,3 +699,14 @@ def _load_onnx(
     except Exception as exc:
         raise _corrupt(path, f"onnxruntime could not open it: {_one_line(exc)}") from exc
     return LoadedModel("onnx", None, oracle, report, obj=None)
+
+
+def check_fits(model: LoadedModel, labels: torch.Tensor, flag: str = "--data") -> None:
+    """Raise :class:`DataError` when ``labels`` name classes the model cannot predict."""
+    head = model.classifier or model.oracle
+    num_classes = getattr(head, "num_classes", None)
+    if num_classes is not None and len(labels) and int(labels.max()) >= num_classes:
+        raise DataError(
+            f"{flag} has labels up to {int(labels.max())} but the model predicts "
+            f"{num_classes} classes (0..{num_classes - 1})"
+        )

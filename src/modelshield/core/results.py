@@ -169,3 +169,29 @@ class ProbeResult(Result):
     details: dict[str, Any] = field(default_factory=dict)
     plots: list[dict[str, Any]] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RobustnessResult(Result):
+    """Robust accuracy over an eps grid, per sample (``robust[i, k]``: sample i survives eps k).
+
+    Curves are per-sample worst cases: an example found at a smaller eps lies in every
+    larger ball, so ``robust[:, k]`` implies ``robust[:, k - 1]``.
+    """
+
+    result_type: ClassVar[str] = "robustness"
+
+    attack: str = ""
+    norm: str = "linf"
+    bounds: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    eps: list[float] = field(default_factory=list)
+    clean_correct: torch.Tensor | None = None
+    robust: torch.Tensor | None = None
+    robust_accuracy: list[float] = field(default_factory=list)
+    ci: list[list[float]] = field(default_factory=list)
+    clean_accuracy: float = float("nan")
+    clean_ci: list[float] = field(default_factory=list)
+    fooled_by: list[dict[str, int]] = field(default_factory=list)
+    queries: list[int] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)

@@ -1,11 +1,27 @@
-"""Evasion attacks on white-box classifiers (and, later, black-box oracles).
+"""Evasion attacks on white-box classifiers and black-box oracles, and their evaluation.
 
 Every attack is a function registered in :data:`ATTACKS` and returns an
 :class:`~modelshield.core.results.AttackResult` checked by one shared guard.
 """
 
+from modelshield.evasion.apgd import apgd_ce, apgd_dlr, apgd_t
 from modelshield.evasion.base import ATTACKS
+from modelshield.evasion.cw import cw
+from modelshield.evasion.ensemble import autoattack, autoattack_fast, run_ensemble
+from modelshield.evasion.evaluate import evaluate_robustness
 from modelshield.evasion.fgsm import fgsm
 from modelshield.evasion.pgd import pgd
 
-__all__ = ["ATTACKS", "fgsm", "pgd"]
+__all__ = [
+    "ATTACKS",
+    "apgd_ce",
+    "apgd_dlr",
+    "apgd_t",
+    "autoattack",
+    "autoattack_fast",
+    "cw",
+    "evaluate_robustness",
+    "fgsm",
+    "pgd",
+    "run_ensemble",
+]

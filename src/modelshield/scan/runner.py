@@ -19,7 +19,7 @@ from modelshield import __version__
 from modelshield.core.data import Dataset, load_dataset
 from modelshield.core.device import select_device
 from modelshield.core.errors import DataError, InvalidConfigError, ModelShieldError
-from modelshield.core.loading import LoadedModel, load_model
+from modelshield.core.loading import LoadedModel, check_fits, load_model
 from modelshield.core.results import ProbeResult
 from modelshield.core.seeding import check_seed, seed_everything
 from modelshield.core.threat import NORMS, check_bounds
@@ -111,18 +111,9 @@ def _load_inputs(
             std=cfg.std,
             device=device,
         )
-        clf = model.classifier
         for ds, flag in ((data, "--data"), (train, "--train-data")):
-            if (
-                clf is not None
-                and ds is not None
-                and len(ds.y)
-                and int(ds.y.max()) >= clf.num_classes
-            ):
-                raise DataError(
-                    f"{flag} has labels up to {int(ds.y.max())} but the model predicts "
-                    f"{clf.num_classes} classes (0..{clf.num_classes - 1})"
-                )
+            if ds is not None:
+                check_fits(model, ds.y, flag)
     return model, data, train
 
 
