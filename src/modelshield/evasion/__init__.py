@@ -10,7 +10,9 @@ from modelshield.evasion.cw import cw
 from modelshield.evasion.ensemble import autoattack, autoattack_fast, run_ensemble
 from modelshield.evasion.evaluate import evaluate_robustness
 from modelshield.evasion.fgsm import fgsm
+from modelshield.evasion.hopskipjump import hopskipjump
 from modelshield.evasion.pgd import pgd
+from modelshield.evasion.square import square
 
 __all__ = [
     "ATTACKS",
@@ -22,6 +24,8 @@ __all__ = [
     "cw",
     "evaluate_robustness",
     "fgsm",
+    "hopskipjump",
     "pgd",
     "run_ensemble",
+    "square",
 ]
