@@ -24,7 +24,7 @@ _TINY = 1e-12
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1)
+    return t.flatten(1)
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

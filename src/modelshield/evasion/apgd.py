@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 
 from modelshield.core.classifier import Classifier
-from modelshield.core.errors import DataError, InvalidConfigError
+from modelshield.core.errors import InvalidConfigError
 from modelshield.core.results import AttackResult
 from modelshield.core.seeding import make_generator
 from modelshield.core.threat import LpThreat
@@ -45,9 +45,11 @@ from modelshield.evasion import _lp
 from modelshield.evasion.base import (
     attack_loss,
     check_batch,
+    check_count,
     finalize,
     is_success,
     register_attack,
+    resolve_goal,
 )
 
 ALPHA = 0.75
@@ -225,26 +227,6 @@ def _dlr(logits: torch.Tensor, y: torch.Tensor, _t: torch.Tensor) -> torch.Tenso
 _OBJECTIVES: dict[str, Objective] = {"apgd-ce": _ce, "apgd-dlr": _dlr, "apgd-t": dlr_targeted_loss}
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidConfigError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_target(target: torch.Tensor | None, y: torch.Tensor, classes: int) -> torch.Tensor:
-    if target is None:
-        raise InvalidConfigError("a targeted threat needs target labels (target=...)")
-    if not isinstance(target, torch.Tensor) or target.shape != y.shape:
-        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
-        raise DataError(f"target must have shape {tuple(y.shape)}, got {got}")
-    if target.is_floating_point() or target.dtype == torch.bool:
-        raise DataError(f"target must hold integer labels, got dtype {target.dtype}")
-    if len(target) and not (int(target.min()) >= 0 and int(target.max()) < classes):
-        low, high = int(target.min()), int(target.max())
-        raise DataError(f"target labels must lie in [0, {classes - 1}], got [{low}, {high}]")
-    return target.to(y.device).long()
-
-
 def _apgd(
     attack: str,
     model: Classifier,
@@ -261,9 +243,9 @@ def _apgd(
 ) -> AttackResult:
     """Shared driver: targets × restarts, each on the still-unfooled samples, then the guard."""
     started = time.perf_counter()
-    _positive_int("steps", steps)
-    _positive_int("restarts", restarts)
-    _positive_int("n_target_classes", n_target_classes)
+    check_count(steps, "steps")
+    check_count(restarts, "restarts")
+    check_count(n_target_classes, "n_target_classes")
     if not isinstance(l1_sparsity, (int, float)) or not 0.0 <= l1_sparsity <= 1.0:
         raise InvalidConfigError(f"l1_sparsity must be in [0, 1], got {l1_sparsity!r}")
     if attack != "apgd-t" and threat.targeted:
@@ -280,7 +262,7 @@ def _apgd(
     out_device, out_dtype = x.device, x.dtype
     x, y = check_batch(model, x, y, threat)
     if threat.targeted:
-        targets = _check_target(target, y, model.num_classes)[:, None]
+        targets = resolve_goal(y, target, threat, model.num_classes)[:, None]
     with torch.no_grad():
         clean = model.logits(x)
     queries = torch.ones(len(x), dtype=torch.long, device=x.device)

@@ -7,6 +7,7 @@ the model itself, so no attack can report a perturbation it did not make.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,12 +17,19 @@ import torch
 import torch.nn.functional as F
 
 from modelshield.core.classifier import Classifier
-from modelshield.core.errors import DataError, InvalidConfigError
+from modelshield.core.errors import (
+    DataError,
+    InvalidConfigError,
+    QueryBudgetExceeded,
+    UnsupportedModelError,
+)
 from modelshield.core.oracle import Oracle
 from modelshield.core.registry import Registry
 from modelshield.core.results import AttackResult
 from modelshield.core.threat import LpThreat
 from modelshield.evasion import _lp
+
+logger = logging.getLogger(__name__)
 
 Access = Literal["white-box", "scores", "label"]
 
@@ -208,3 +216,87 @@ def finalize_oracle(
         queries=queries.cpu(),
         clean_correct=None,
     )
+
+
+# -- shared by the black-box attacks -------------------------------------------------------
+def require_oracle(model: object, attack: str) -> Oracle:
+    """The model as an :class:`Oracle`, or :class:`UnsupportedModelError` saying how to get one."""
+    if isinstance(model, Oracle):
+        return model
+    if isinstance(model, Classifier):
+        raise UnsupportedModelError(
+            f"{attack} is a black-box attack and needs an Oracle; wrap the classifier with "
+            "modelshield.core.oracle.from_classifier(model, QueryAccess(...))"
+        )
+    raise UnsupportedModelError(f"{attack} needs an Oracle, got {type(model).__name__}")
+
+
+def check_count(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def resolve_goal(
+    y: torch.Tensor, target: torch.Tensor | None, threat: LpThreat, num_classes: int | None
+) -> torch.Tensor:
+    """The labels success is judged against: ``y`` (untargeted) or ``target`` (targeted)."""
+    if not threat.targeted:
+        return y
+    if target is None:
+        raise InvalidConfigError("a targeted threat needs target labels (target=...)")
+    if not isinstance(target, torch.Tensor) or target.shape != y.shape:
+        shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise DataError(f"target must have shape {tuple(y.shape)}, got {shape}")
+    if target.is_floating_point() or target.dtype == torch.bool:
+        raise DataError(f"target must hold integer labels, got dtype {target.dtype}")
+    goal = target.to(y.device).long()
+    if len(goal) and (
+        int(goal.min()) < 0 or (num_classes is not None and int(goal.max()) >= num_classes)
+    ):
+        raise DataError(f"target labels must lie in [0, {num_classes}), got {goal.tolist()}")
+    return goal
+
+
+class QueryLedger:
+    """Per-sample query accounting in front of an oracle; never asks past either budget.
+
+    ``per_sample`` caps each sample's queries; the oracle's ``remaining`` caps the total.
+    A :class:`QueryBudgetExceeded` raised anyway (another user spent the budget) marks
+    the ledger ``exhausted`` instead of escaping, and the query answers ``None``.
+    """
+
+    def __init__(self, oracle: Oracle, n: int, per_sample: int, device: torch.device) -> None:
+        self.oracle = oracle
+        self.per_sample = per_sample
+        self.used = torch.zeros(n, dtype=torch.long, device=device)
+        self.exhausted = False
+
+    def left(self, idx: torch.Tensor) -> torch.Tensor:
+        """Queries each sample in ``idx`` may still spend (its own budget only)."""
+        return (self.per_sample - self.used[idx]).clamp_min(0)
+
+    def fit(self, idx: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+        """Rows each sample of ``idx`` may send now: ``want`` within its own budget, then,
+        in the order given, within what the oracle has left."""
+        allowed = torch.minimum(want, self.left(idx))
+        if self.exhausted:
+            return torch.zeros_like(allowed)
+        remaining = self.oracle.remaining
+        if remaining is not None:
+            before = allowed.cumsum(0) - allowed
+            allowed = torch.minimum(allowed, (remaining - before).clamp_min(0))
+        return allowed
+
+    def query(self, rows: torch.Tensor, owners: torch.Tensor) -> torch.Tensor | None:
+        """Ask the oracle about ``rows`` (row ``i`` spent by sample ``owners[i]``)."""
+        if self.exhausted or len(rows) == 0:
+            return None
+        try:
+            out = self.oracle.query(rows)
+        except QueryBudgetExceeded:
+            logger.warning("oracle budget ran out under the attack; stopping with what it found")
+            self.exhausted = True
+            return None
+        self.used.index_add_(0, owners, torch.ones_like(owners))
+        return out

@@ -14,7 +14,7 @@ import time
 import torch
 
 from modelshield.core.classifier import Classifier
-from modelshield.core.errors import DataError, InvalidConfigError
+from modelshield.core.errors import InvalidConfigError
 from modelshield.core.results import AttackResult
 from modelshield.core.seeding import make_generator
 from modelshield.core.threat import LpThreat
@@ -22,9 +22,11 @@ from modelshield.evasion import _lp
 from modelshield.evasion.base import (
     attack_loss,
     check_batch,
+    check_count,
     finalize,
     is_success,
     register_attack,
+    resolve_goal,
 )
 
 
@@ -101,21 +103,13 @@ def pgd(
     Untargeted by default; with ``threat.targeted`` the attack drives towards ``target``.
     """
     started = time.perf_counter()
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InvalidConfigError(f"steps must be a positive integer, got {steps!r}")
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-        raise InvalidConfigError(f"restarts must be a positive integer, got {restarts!r}")
+    check_count(steps, "steps")
+    check_count(restarts, "restarts")
     if step_size is not None and not step_size > 0:
         raise InvalidConfigError(f"step_size must be > 0, got {step_size!r}")
     out_device, out_dtype = x.device, x.dtype
     x, y = check_batch(model, x, y, threat)
-    goal = y
-    if threat.targeted:
-        if target is None:
-            raise InvalidConfigError("a targeted threat needs target labels (target=...)")
-        if target.shape != y.shape:
-            raise DataError(f"target must have shape {tuple(y.shape)}, got {tuple(target.shape)}")
-        goal = target.to(x.device).long()
+    goal = resolve_goal(y, target, threat, model.num_classes)
     alpha = step_size if step_size is not None else 2.5 * threat.eps / steps
     g = make_generator(seed, x.device)
     best = x.clone()
