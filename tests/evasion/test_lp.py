@@ -62,3 +62,13 @@ def test_project_to_threat_respects_bounds() -> None:
     adv = x + 0.5
     out = _lp.project_to_threat(adv, x, "linf", 0.1, (0.0, 1.0))
     assert out.max() <= 1.0 and (out - x).abs().max() <= 0.1 + 1e-7
+
+
+def test_uniform_radius_start_spreads_over_distances() -> None:
+    s = _lp.sample_ball((4000, 64), "l2", 1.0, generator=make_generator(0), radius="uniform")
+    r = _lp.lp_norm(s, "l2")
+    assert (r <= 1 + 1e-6).all() and float(r.mean()) == pytest.approx(0.5, abs=0.02)
+    v = _lp.sample_ball((4000, 64), "l2", 1.0, generator=make_generator(0))
+    assert float(_lp.lp_norm(v, "l2").min()) > 0.8  # volume-uniform: near the sphere in 64-d
+    s1 = _lp.sample_ball((4000, 16), "l1", 1.0, generator=make_generator(0), radius="uniform")
+    assert float(_lp.lp_norm(s1, "l1").mean()) == pytest.approx(0.5, abs=0.02)

@@ -116,9 +116,18 @@ def sample_ball(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    radius: str = "volume",
 ) -> torch.Tensor:
-    """Points drawn uniformly from the Lp ball of radius ``eps``, one per sample."""
+    """Random points in the Lp ball of radius ``eps``, one per sample.
+
+    ``radius="volume"`` samples uniformly from the ball (for L2/L1 in d dimensions almost
+    all the mass lies near the sphere). ``radius="uniform"`` keeps the direction uniform
+    on the sphere but draws the radius uniformly in ``[0, eps]``, so starts spread over
+    every distance from ``x`` (the usual L2 PGD start, e.g. torchattacks'). L∞ ignores it.
+    """
     _check(norm)
+    if radius not in ("volume", "uniform"):
+        raise InvalidConfigError(f"radius must be 'volume' or 'uniform', got {radius!r}")
     n = shape[0]
     d = 1
     for s in shape[1:]:
@@ -130,11 +139,17 @@ def sample_ball(
     if norm == "l2":
         g = torch.randn((n, d), generator=generator, device=device, dtype=dtype)
         g = g / g.norm(dim=1, keepdim=True).clamp_min(_TINY)
-        r = torch.rand(n, generator=generator, device=device, dtype=dtype) ** (1.0 / d)
+        r = torch.rand(n, generator=generator, device=device, dtype=dtype)
+        if radius == "volume":
+            r = r ** (1.0 / d)
         return (g * (r * e)[:, None]).reshape(shape)
     expo = torch.empty((n, d + 1), device=device, dtype=dtype).exponential_(generator=generator)
     signs = torch.randint(0, 2, (n, d), generator=generator, device=device).to(dtype) * 2 - 1
-    point = expo[:, :d] / expo.sum(dim=1, keepdim=True)
+    if radius == "volume":
+        point = expo[:, :d] / expo.sum(dim=1, keepdim=True)
+    else:
+        u = torch.rand(n, 1, generator=generator, device=device, dtype=dtype)
+        point = expo[:, :d] / expo[:, :d].sum(dim=1, keepdim=True) * u
     return (signs * point * e[:, None]).reshape(shape)
 
 

@@ -1,6 +1,7 @@
 """Projected Gradient Descent (Madry et al. 2018) for L∞, L2 and L1.
 
-Random start in the ball, ``steps`` steepest-ascent steps of size ``step_size`` (default
+Random start in the ball (direction uniform, radius uniform in [0, eps]: in high
+dimension a volume-uniform start sits on the sphere and converges worse), ``steps`` steepest-ascent steps of size ``step_size`` (default
 ``2.5·eps/steps``), projection after each; ``restarts`` independent runs. Per sample the
 first successful iterate is kept (the attack stops working on points already fooled: the
 robust accuracy is the same and the cost falls with it). For L1 the step is the sparse
@@ -48,7 +49,13 @@ def _pgd_run(
     x_adv = x.clone()
     if random_start:
         noise = _lp.sample_ball(
-            x.shape, threat.norm, threat.eps, generator=generator, device=x.device, dtype=x.dtype
+            x.shape,
+            threat.norm,
+            threat.eps,
+            generator=generator,
+            device=x.device,
+            dtype=x.dtype,
+            radius="uniform",
         )
         x_adv = _lp.clip_to_bounds(x + noise, threat.bounds)
     success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
