@@ -129,3 +129,102 @@ def test_cw_minimal_l2(tmp_path: Path, bundle: Bundle) -> None:
         dist = np.sqrt(((z["x"] - d["x"]) ** 2).reshape(len(d["x"]), -1).sum(1))
     assert (dist <= 1.0 + 1e-5).all()
     assert res["success_rate"] > 0.5
+
+
+def test_square_on_a_model_file_respects_the_budget(tmp_path: Path, bundle: Bundle) -> None:
+    out = tmp_path / "sq"
+    r = run_cli(
+        "attack",
+        "square",
+        "--model",
+        str(bundle.model_pt2),
+        "--data",
+        str(bundle.data),
+        "--eps",
+        "0.1",
+        "--max-queries",
+        "50",
+        "--out",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "result.json").read_text())
+    n = res["n"]
+    assert res["queries_used"] <= n * 50 + n
+    assert max(res["queries"]) <= 50
+    assert res["access"] == "scores"
+
+
+@pytest.mark.network
+def test_black_box_attacks_against_a_real_endpoint(tmp_path: Path, bundle: Bundle) -> None:
+    """Square and HopSkipJump through `--oracle URL` against a server on 127.0.0.1."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = {"rows": 0}
+    net = bundle.module
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            x = torch.tensor(body["inputs"], dtype=torch.float32)
+            seen["rows"] += len(x)
+            with torch.no_grad():
+                probs = torch.softmax(net(x), dim=1).tolist()
+            blob = json.dumps({"outputs": probs}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            self.wfile.write(blob)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/predict"
+        for name, norm in (("square", "linf"), ("hopskipjump", "l2")):
+            out = tmp_path / name
+            before = seen["rows"]
+            r = run_cli(
+                "attack",
+                name,
+                "--oracle",
+                url,
+                "--data",
+                str(bundle.data),
+                "--norm",
+                norm,
+                "--eps",
+                "0.5" if norm == "l2" else "0.1",
+                "--max-queries",
+                "40",
+                "--n",
+                "20",
+                "--out",
+                str(out),
+            )
+            assert r.returncode == 0, r.stderr
+            res = json.loads((out / "result.json").read_text())
+            assert res["queries_used"] == seen["rows"] - before  # the server saw every query
+            assert res["queries_used"] <= 20 * 40 + 20
+            assert 0 <= res["robust_accuracy"] <= res["clean_accuracy"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    unreachable = run_cli(
+        "attack",
+        "square",
+        "--oracle",
+        "http://127.0.0.1:9/predict",
+        "--data",
+        str(bundle.data),
+        "--eps",
+        "0.1",
+        "--out",
+        str(tmp_path / "u"),
+    )
+    assert_one_line_error(unreachable, "127.0.0.1:9")

@@ -167,3 +167,10 @@ def test_onnx_model_skips_white_box_with_reason(tmp_path: Path, bundle: Bundle) 
     assert probes["model-file"]["grade"] == "A"
     assert probes["evasion-whitebox"]["status"] == "skipped"
     assert "gradients" in probes["evasion-whitebox"]["reason"]
+    bb = probes["evasion-blackbox"]
+    assert bb["status"] == "ok" and bb["threat"]["attack"] == "square"
+    assert bb["details"]["curve"][-1]["robust_accuracy"] <= bb["details"]["clean_accuracy"]
+    # per-input budget: never more than queries_per_input per attacked point (+1 clean query)
+    per_input = bb["threat"]["queries_per_input"]
+    n = bb["details"]["samples"]
+    assert bb["details"]["queries_used"] <= n * (1 + per_input * len(bb["details"]["curve"]))

@@ -177,6 +177,7 @@ def run_scan(cfg: ScanConfig) -> ScanOutcome:
         device=device,
         profile=cfg.profile,
         norm=cfg.norm,
+        options={"bounds": cfg.bounds},
     )
     names = [n for n in ordered_probe_names() if not cfg.only or n in cfg.only]
     plan: list[tuple[Probe, str | None]] = []
