@@ -15,6 +15,10 @@ from torch import nn
 
 CLI = [sys.executable, "-m", "modelshield.cli"]
 
+# The test models are tiny: one thread is fastest and keeps timings stable when the
+# machine is shared (two threads on two busy cores spin-wait in OpenMP barriers).
+torch.set_num_threads(1)
+
 
 @dataclass
 class Run:
@@ -25,7 +29,7 @@ class Run:
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> Run:
     """Run the real ``modelshield`` command in a subprocess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     p = subprocess.run(
         [*CLI, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env
     )

@@ -86,12 +86,12 @@ def test_rerun_reuses_finished_probes(tmp_path: Path, bundle: Bundle) -> None:
 def test_kill_mid_scan_then_resume(tmp_path: Path, bundle: Bundle) -> None:
     """SIGKILL after the first probe and an eps checkpoint; the rerun recomputes neither."""
     out = tmp_path / "scan"
-    args = scan_args(bundle, out, "--profile", "thorough")
+    args = scan_args(bundle, out, "--profile", "standard")
     proc = subprocess.Popen(
         [*CLI, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
     )
     partial = out / "partial" / "evasion-whitebox"
     deadline = time.time() + 120

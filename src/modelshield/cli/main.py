@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -88,6 +88,41 @@ class _Group(click.Group):
             _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
 
 
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that say how to load a model, shared by every command that loads one."""
+    options = [
+        click.option(
+            "--seed", type=int, default=0, show_default=True, help="Seed for every random choice."
+        ),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="auto (cuda if available), cpu, cuda, cuda:N or mps.",
+        ),
+        click.option(
+            "--trust-pickle",
+            is_flag=True,
+            help="Allow loading a full-pickle model file (this runs code from the file).",
+        ),
+        click.option(
+            "--arch",
+            help="Architecture for a state_dict file: 'package.module:factory' or a built-in name.",
+        ),
+        click.option(
+            "--bounds", default="0,1", show_default=True, help="Input value range LOW,HIGH."
+        ),
+        click.option(
+            "--mean",
+            help="Per-channel normalisation mean applied by the model adapter, e.g. 0.49,0.48,0.45.",
+        ),
+        click.option("--std", help="Per-channel normalisation std, e.g. 0.25,0.24,0.26."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(
     __version__, "--version", prog_name="modelshield", message="%(prog)s %(version)s"
@@ -95,7 +130,12 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks (for bug reports).")
-def cli(verbose: int, quiet: bool, debug: bool) -> None:
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="CPU threads for torch (default: torch's choice; --demo uses 1, fastest for its tiny model).",
+)
+def cli(verbose: int, quiet: bool, debug: bool, threads: int | None) -> None:
     """modelshield: attack, audit and harden machine-learning models.
 
     \b
@@ -105,6 +145,11 @@ def cli(verbose: int, quiet: bool, debug: bool) -> None:
       modelshield scan --model model.pt2 --data test.npz --out my-scan
     """
     _setup_logging(verbose, quiet)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    click.get_current_context().obj = {"threads": threads}
 
 
 @cli.command("scan")
@@ -136,29 +181,11 @@ def cli(verbose: int, quiet: bool, debug: bool) -> None:
 )
 @click.option("--demo", is_flag=True, help="Train a small model on bundled digits and scan it.")
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed for every random choice."
-)
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="auto (cuda if available), cpu, cuda, cuda:N or mps.",
-)
-@click.option(
-    "--trust-pickle",
-    is_flag=True,
-    help="Allow loading a full-pickle model file (this runs code from the file).",
-)
-@click.option(
-    "--arch",
-    help="Architecture for a state_dict file: 'package.module:factory' or a built-in name.",
-)
-@click.option(
     "--profile",
     type=click.Choice(["quick", "standard", "thorough"]),
-    default="standard",
-    show_default=True,
-    help="Cost of the scan.",
+    default=None,
+    help="Cost of the scan: quick, standard (the default) or thorough (full AutoAttack "
+    "with Square). --demo defaults to quick.",
 )
 @click.option(
     "--norm",
@@ -167,17 +194,12 @@ def cli(verbose: int, quiet: bool, debug: bool) -> None:
     show_default=True,
     help="Threat norm of the evasion probes.",
 )
-@click.option("--bounds", default="0,1", show_default=True, help="Input value range LOW,HIGH.")
-@click.option(
-    "--mean",
-    help="Per-channel normalisation mean applied by the model adapter, e.g. 0.49,0.48,0.45.",
-)
-@click.option("--std", help="Per-channel normalisation std, e.g. 0.25,0.24,0.26.")
 @click.option("--label-column", help="CSV label column (default: 'label', else the last column).")
 @click.option(
     "--only", multiple=True, help="Run only this probe (repeatable); see 'modelshield list probes'."
 )
 @click.option("--fresh", is_flag=True, help="Discard finished probes in --out and start over.")
+@model_options
 def scan_cmd(**opts: Any) -> None:
     """Scan a model for evasion, stealing, poisoning and privacy risks; write report.html/json."""
     from modelshield.scan.runner import ScanConfig, run_scan
@@ -188,6 +210,11 @@ def scan_cmd(**opts: Any) -> None:
                 "--demo trains its own model and data; drop --model/--data/--train-data"
             )
         from modelshield.scan.demo import prepare_demo
+
+        if (click.get_current_context().obj or {}).get("threads") is None:
+            import torch
+
+            torch.set_num_threads(1)  # tiny model: thread hand-offs cost more than they save
 
         model, train, test = prepare_demo(Path(opts["out"]) / "demo-inputs", seed=opts["seed"])
         opts.update(model=str(model), data=str(test), train_data=str(train))
@@ -203,7 +230,7 @@ def scan_cmd(**opts: Any) -> None:
         device=opts["device"],
         trust_pickle=opts["trust_pickle"],
         arch=opts["arch"],
-        profile=opts["profile"],
+        profile=opts["profile"] or ("quick" if opts["demo"] else "standard"),
         norm=opts["norm"],
         bounds=(bounds[0], bounds[1]) if bounds else (0.0, 1.0),
         mean=_floats(opts["mean"], "--mean"),
@@ -282,15 +309,7 @@ def scan_cmd(**opts: Any) -> None:
     required=True,
     help="Writes result.json and adversarial.npz here.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option(
-    "--trust-pickle", is_flag=True, help="Allow a full-pickle model file (runs code from it)."
-)
-@click.option("--arch", help="Architecture for a state_dict file.")
-@click.option("--bounds", default="0,1", show_default=True, help="Input value range LOW,HIGH.")
-@click.option("--mean", help="Per-channel normalisation mean applied by the adapter.")
-@click.option("--std", help="Per-channel normalisation std.")
+@model_options
 def attack_cmd(**opts: Any) -> None:
     """Run attack NAME on a model (or endpoint) and data; see 'modelshield list attacks'."""
     from modelshield.cli.attack import run_attack_command
