@@ -194,6 +194,11 @@ def cli(verbose: int, quiet: bool, debug: bool, threads: int | None) -> None:
     show_default=True,
     help="Threat norm of the evasion probes.",
 )
+@click.option(
+    "--eps",
+    type=float,
+    help="Reference eps of the evasion probes (default: L∞ 8/255, L2 0.5, L1 10, times the width of --bounds).",
+)
 @click.option("--label-column", help="CSV label column (default: 'label', else the last column).")
 @click.option(
     "--only", multiple=True, help="Run only this probe (repeatable); see 'modelshield list probes'."
@@ -231,6 +236,7 @@ def scan_cmd(**opts: Any) -> None:
         trust_pickle=opts["trust_pickle"],
         arch=opts["arch"],
         profile=opts["profile"] or ("quick" if opts["demo"] else "standard"),
+        eps=opts["eps"],
         norm=opts["norm"],
         bounds=(bounds[0], bounds[1]) if bounds else (0.0, 1.0),
         mean=_floats(opts["mean"], "--mean"),

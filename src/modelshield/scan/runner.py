@@ -22,7 +22,7 @@ from modelshield.core.errors import DataError, InvalidConfigError, ModelShieldEr
 from modelshield.core.loading import LoadedModel, check_fits, load_model
 from modelshield.core.results import ProbeResult
 from modelshield.core.seeding import check_seed, seed_everything
-from modelshield.core.threat import NORMS, check_bounds
+from modelshield.core.threat import NORMS, LpThreat, check_bounds
 from modelshield.report import build_report, write_reports
 from modelshield.scan.context import PROFILES, ScanContext
 from modelshield.scan.probes import PROBES, Probe, ordered_probe_names
@@ -46,6 +46,7 @@ class ScanConfig:
     arch: str | None = None
     profile: str = "standard"
     norm: str = "linf"
+    eps: float | None = None
     bounds: tuple[float, float] = (0.0, 1.0)
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -63,6 +64,10 @@ class ScanConfig:
             raise InvalidConfigError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         check_seed(self.seed)
         self.bounds = check_bounds(self.bounds)
+        if self.eps is not None:
+            LpThreat(norm=self.norm, eps=self.eps, bounds=self.bounds)  # type: ignore[arg-type]
+            if self.eps == 0:
+                raise InvalidConfigError("eps must be > 0")
         for name in self.only:
             PROBES.get(name)
 
@@ -130,6 +135,7 @@ def _fingerprint(
         "seed": cfg.seed,
         "profile": cfg.profile,
         "norm": cfg.norm,
+        "eps": cfg.eps,
         "bounds": list(cfg.bounds),
         "mean": cfg.mean,
         "std": cfg.std,
@@ -177,7 +183,7 @@ def run_scan(cfg: ScanConfig) -> ScanOutcome:
         device=device,
         profile=cfg.profile,
         norm=cfg.norm,
-        options={"bounds": cfg.bounds},
+        options={"bounds": cfg.bounds, "eps": cfg.eps},
     )
     names = [n for n in ordered_probe_names() if not cfg.only or n in cfg.only]
     plan: list[tuple[Probe, str | None]] = []

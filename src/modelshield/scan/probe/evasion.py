@@ -71,7 +71,7 @@ class WhiteBoxEvasionProbe(Probe):
             return self.skipped("needs a white-box model and test data", ctx)
         settings = PROFILE_SETTINGS[ctx.profile]
         low, high = model.bounds
-        ref = REFERENCE_EPS[ctx.norm] * (high - low)
+        ref = float(ctx.options.get("eps") or REFERENCE_EPS[ctx.norm] * (high - low))
         grid = [ref * m for m in settings["grid"]]
         n = min(settings["n"], len(data))
         idx = torch.randperm(len(data), generator=make_generator(ctx.seed))[:n].sort().values

@@ -70,7 +70,7 @@ class BlackBoxEvasionProbe(Probe):
         label_only = base.raw_output == "label" or base.access.output == "label"
         attack = "hopskipjump" if label_only else "square"
         low, high = ctx.options.get("bounds", (0.0, 1.0))
-        ref = REFERENCE_EPS[ctx.norm] * (high - low)
+        ref = float(ctx.options.get("eps") or REFERENCE_EPS[ctx.norm] * (high - low))
         grid = [ref * m for m in settings["grid"]]
         n = min(settings["n"], len(data))
         idx = torch.randperm(len(data), generator=make_generator(ctx.seed))[:n].sort().values
