@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-RUBRIC_VERSION = "2026.11-1"
+RUBRIC_VERSION = "2026.11-2"
 
 GRADES = {
     "A": "no practical weakness found at the tested strength",
@@ -46,16 +46,27 @@ def grade_supply_chain(
     return "A", SUPPLY_CHAIN_RULES["A"]
 
 
+MIN_CLEAN_ACCURACY = 0.5
+"""Below this clean accuracy the ratio says little (a model near chance has little to lose):
+the evasion grade is capped at D."""
+
+
 def grade_evasion(clean_accuracy: float, robust_accuracy: float) -> tuple[str, str]:
-    """Grade white-box robustness by the share of correct predictions that survive."""
+    """Grade robustness by the share of correct predictions that survive the attacks."""
     ratio = robust_accuracy / clean_accuracy if clean_accuracy > 0 else 0.0
-    for letter, floor in EVASION_THRESHOLDS:
+    last = EVASION_THRESHOLDS[-1][1]
+    letter, rule = "F", f"robust/clean accuracy {ratio:.2f} < {last:.2f} at the reference eps"
+    for grade, floor in EVASION_THRESHOLDS:
         if ratio >= floor:
-            return letter, f"robust/clean accuracy {ratio:.2f} >= {floor:.2f} at the reference eps"
-    return (
-        "F",
-        f"robust/clean accuracy {ratio:.2f} < {EVASION_THRESHOLDS[-1][1]:.2f} at the reference eps",
-    )
+            letter = grade
+            rule = f"robust/clean accuracy {ratio:.2f} >= {floor:.2f} at the reference eps"
+            break
+    if clean_accuracy < MIN_CLEAN_ACCURACY and letter < "D":
+        return (
+            "D",
+            f"clean accuracy {clean_accuracy:.2f} < {MIN_CLEAN_ACCURACY:.2f}, capped at D ({rule})",
+        )
+    return letter, rule
 
 
 def rubric_document() -> dict[str, Any]:
@@ -67,6 +78,6 @@ def rubric_document() -> dict[str, Any]:
         + ". Evasion: r = robust accuracy / clean accuracy under the worst of the attacks run "
         "at the reference eps (L∞ 8/255, L2 0.5, L1 10, times the width of the input bounds); "
         + evasion
-        + "."
+        + f"; capped at D when clean accuracy is below {MIN_CLEAN_ACCURACY:.2f}."
     )
     return {"version": RUBRIC_VERSION, "text": text, "grades": dict(GRADES)}
