@@ -333,6 +333,151 @@ def attack_cmd(**opts: Any) -> None:
     click.echo(f"adversarial: {summary['paths']['adversarial']}")
 
 
+@cli.group("harden")
+def harden_group() -> None:
+    """Apply a defence and measure the model before and after it."""
+
+
+@harden_group.command("adversarial")
+@click.option(
+    "--model",
+    "model",
+    type=click.Path(dir_okay=False),
+    help="Model to harden (omit to train --arch from scratch).",
+)
+@click.option("--train-data", "train_data", required=True, type=click.Path(), help="Training data.")
+@click.option(
+    "--data",
+    "data",
+    required=True,
+    type=click.Path(),
+    help="Test data for the before/after evaluation.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["pgd-at", "trades", "fgsm-rs"]),
+    default="pgd-at",
+    show_default=True,
+    help="PGD-AT (Madry et al. 2018), TRADES (Zhang et al. 2019) or FGSM-RS (Wong et al. 2020).",
+)
+@click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
+@click.option("--eps", type=float, required=True, help="Training and evaluation eps.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Inner attack steps (pgd-at, trades).",
+)
+@click.option("--beta", type=float, default=6.0, show_default=True, help="TRADES trade-off.")
+@click.option("--lr", type=float, help="Learning rate (default: the method's).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--bf16", is_flag=True, help="bf16 autocast for forward passes.")
+@click.option(
+    "--profile",
+    type=click.Choice(["quick", "standard", "thorough"]),
+    default="quick",
+    show_default=True,
+    help="Cost of the before/after evaluation.",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Writes model.pt2, report.html, report.json here; re-running resumes.",
+)
+@click.option("--fresh", is_flag=True, help="Discard earlier progress in --out.")
+@model_options
+def harden_adversarial_cmd(**opts: Any) -> None:
+    """Adversarially train a model; write it and a before/after report."""
+    from modelshield.scan.harden import HardenConfig, harden_adversarial
+
+    bounds = _floats(opts.pop("bounds"), "--bounds", 2) or [0.0, 1.0]
+    opts["mean"] = _floats(opts["mean"], "--mean")
+    opts["std"] = _floats(opts["std"], "--std")
+    cfg = HardenConfig(
+        **opts,
+        bounds=(bounds[0], bounds[1]),
+        command="modelshield " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    outcome = harden_adversarial(cfg)
+    for r in outcome.results:
+        value = r.figure.get("value")
+        fig = f"{r.figure.get('name')}: {value:.3g}" if isinstance(value, (int, float)) else ""
+        click.echo(f"{r.probe:<20} {r.grade or r.status!s:<8} {fig}")
+    click.echo(f"model: {outcome.model_path}")
+    click.echo(f"report: {outcome.reports['html']}")
+    click.echo(f"report: {outcome.reports['json']}")
+
+
+@cli.command("certify")
+@click.option(
+    "--model",
+    "model",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Base classifier (ideally trained with Gaussian noise).",
+)
+@click.option("--data", "data", required=True, type=click.Path(), help="Data to certify.")
+@click.option("--sigma", type=float, required=True, help="Noise level of the smoothed classifier.")
+@click.option(
+    "--n",
+    "n",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Monte Carlo samples for the bound.",
+)
+@click.option(
+    "--n0",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Samples to pick the top class.",
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=0.001,
+    show_default=True,
+    help="Failure probability of each certificate.",
+)
+@click.option(
+    "--max-samples",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Certify at most this many inputs.",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Writes result.json, report.html, report.json here.",
+)
+@model_options
+def certify_cmd(**opts: Any) -> None:
+    """Certified L2 robustness by randomized smoothing (Cohen et al. 2019)."""
+    from modelshield.scan.certify import CertifyConfig, certify_model
+
+    bounds = _floats(opts.pop("bounds"), "--bounds", 2) or [0.0, 1.0]
+    opts["mean"] = _floats(opts["mean"], "--mean")
+    opts["std"] = _floats(opts["std"], "--std")
+    cfg = CertifyConfig(
+        **opts,
+        bounds=(bounds[0], bounds[1]),
+        command="modelshield " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    outcome = certify_model(cfg)
+    for radius, acc in zip(outcome.radii, outcome.accuracy, strict=True):
+        click.echo(f"radius {radius:<8.3g} certified accuracy {acc:.3f}")
+    click.echo(f"result: {outcome.result_path}")
+    click.echo(f"report: {outcome.reports['html']}")
+
+
 @cli.command("list")
 @click.argument("kind", required=False)
 def list_cmd(kind: str | None) -> None:

@@ -30,7 +30,11 @@ class ScanContext:
     profile: str = "standard"
     norm: str = "linf"
     options: dict[str, Any] = field(default_factory=dict)
+    white_box: Classifier | None = None
+    """A white-box model given directly (e.g. one trained in this run), instead of ``model``."""
 
     @property
     def classifier(self) -> Classifier | None:
+        if self.white_box is not None:
+            return self.white_box
         return self.model.classifier if self.model is not None else None
