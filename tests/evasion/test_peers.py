@@ -125,3 +125,18 @@ def test_pgd_without_random_start_matches_torchattacks(setup: Setup, norm: str) 
     mine = ours(setup, norm, random_start=False)
     theirs = torchattacks_pgd(setup, norm, random_start=False)
     assert theirs - 0.01 <= mine <= theirs
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.08])
+def test_autoattack_at_least_as_strong_as_torchattacks_autoattack(setup: Setup, eps: float) -> None:
+    """Our standard ensemble vs torchattacks' AutoAttack (APGD-CE, APGD-T, FAB-T, Square)."""
+    ta = pytest.importorskip("torchattacks")
+    from modelshield.evasion import autoattack
+
+    x, y = setup.x[:300], setup.y[:300]
+    ours_acc = autoattack(setup.model, x, y, threat=LpThreat("linf", eps), seed=0).robust_accuracy
+    peer = ta.AutoAttack(setup.net, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
+    peer.set_device("cpu")
+    theirs = robust_accuracy(setup.net, peer(x, y), y)
+    assert 0.1 < theirs < 0.9  # an eps where the comparison means something
+    assert ours_acc <= theirs + TOLERANCE
