@@ -79,6 +79,7 @@ _SCHEDULE = (
     (6000, 128),
     (8000, 256),
 )
+_DRAWS = 8  # sign patterns drawn at once per redraw round
 _MAX_REDRAWS = 32  # L∞: sign redraws for a proposal that would not change the image
 _NEG = -1e30  # stands in for -inf scores (top-k oracles) so margins stay finite
 
@@ -232,21 +233,37 @@ def _linf_step(
     bounds: tuple[float, float],
     g: torch.Generator,
 ) -> torch.Tensor:
-    """Alg. 2 proposal: a random square of the perturbation set to ``±eps`` per channel."""
+    """Alg. 2 proposal: a random square of the perturbation set to ``±eps`` per channel.
+
+    Signs are redrawn (per row) while the proposal would not change the image, as in the
+    paper's code; the check runs on per-channel booleans, not on images: a channel's
+    window equals the current one for sign +1 (or -1) or it does not.
+    """
     n, ch, h, w = xi.shape
     rows, cols = _window(p, h, w, smallest=1, odd=False)
     r, c = _corners(n, rows, cols, h, w, g, xi.device)
     mask = _mask(r, c, rows, cols, h, w)
-    delta = best - xi
-    signs = _signs((n, ch, 1, 1), g, xi)
-    cand = _lp.clip_to_bounds(xi + torch.where(mask, eps * signs, delta), bounds)
-    for _ in range(_MAX_REDRAWS):
-        same = ((cand - best).abs() < 1e-7).logical_or(~mask).flatten(1).all(dim=1)
+    plus = _lp.clip_to_bounds(xi + eps, bounds)
+    minus = _lp.clip_to_bounds(xi - eps, bounds)
+    outside = ~mask
+    same_plus = (((plus - best).abs() < 1e-7) | outside).flatten(2).all(dim=2)  # (n, ch)
+    same_minus = (((minus - best).abs() < 1e-7) | outside).flatten(2).all(dim=2)
+    can_change = ~(same_plus & same_minus).all(dim=1)
+    signs = _signs((n, ch), g, xi)
+    same = torch.where(signs > 0, same_plus, same_minus).all(dim=1) & can_change
+    for _ in range(_MAX_REDRAWS // _DRAWS):
         if not bool(same.any()):
             break
-        signs = torch.where(same[:, None, None, None], _signs((n, ch, 1, 1), g, xi), signs)
-        cand = _lp.clip_to_bounds(xi + torch.where(mask, eps * signs, delta), bounds)
-    return cand
+        # rejection sampling, _DRAWS candidates at once: the first that changes the image
+        # is uniform over the sign patterns that do
+        draws = _signs((n, _DRAWS, ch), g, xi)
+        ok = ~torch.where(draws > 0, same_plus[:, None], same_minus[:, None]).all(dim=2)
+        pick = draws[torch.arange(n, device=xi.device), ok.to(torch.int8).argmax(dim=1)]
+        found = same & ok.any(dim=1)
+        signs = torch.where(found[:, None], pick, signs)
+        same &= ~found
+    signs = signs[:, :, None, None]
+    return torch.where(mask, torch.where(signs > 0, plus, minus), best)
 
 
 def _l2_step(
