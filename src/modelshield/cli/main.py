@@ -55,6 +55,25 @@ def _floats(text: str | None, name: str, count: int | None = None) -> list[float
     return values
 
 
+def _parse_model_opts(opts: dict[str, Any]) -> dict[str, Any]:
+    """Parse the shared ``--bounds/--mean/--std`` texts in place; add the command line."""
+    bounds = _floats(opts["bounds"], "--bounds", 2) or [0.0, 1.0]
+    opts["bounds"] = (bounds[0], bounds[1])
+    opts["mean"] = _floats(opts["mean"], "--mean")
+    opts["std"] = _floats(opts["std"], "--std")
+    opts["command"] = "modelshield " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return opts
+
+
+def _echo_results(results: list[Any]) -> None:
+    """One line per probe: name, grade (or status), and the figure (or the reason)."""
+    for r in results:
+        value = r.figure.get("value")
+        fig = f"{r.figure.get('name')}: {value:.3g}" if isinstance(value, (int, float)) else ""
+        state = r.grade if r.status == "ok" else r.status
+        click.echo(f"{r.probe:<20} {state!s:<8} {fig or r.reason}")
+
+
 class _Group(click.Group):
     """Turns click's multi-line usage errors into our one-line form."""
 
@@ -225,7 +244,7 @@ def scan_cmd(**opts: Any) -> None:
         opts.update(model=str(model), data=str(test), train_data=str(train))
     elif not opts["model"] and not opts["data"]:
         raise click.UsageError("give --model and --data, or --demo")
-    bounds = _floats(opts["bounds"], "--bounds", 2)
+    _parse_model_opts(opts)
     cfg = ScanConfig(
         model=opts["model"],
         data=opts["data"],
@@ -238,20 +257,16 @@ def scan_cmd(**opts: Any) -> None:
         profile=opts["profile"] or ("quick" if opts["demo"] else "standard"),
         eps=opts["eps"],
         norm=opts["norm"],
-        bounds=(bounds[0], bounds[1]) if bounds else (0.0, 1.0),
-        mean=_floats(opts["mean"], "--mean"),
-        std=_floats(opts["std"], "--std"),
+        bounds=opts["bounds"],
+        mean=opts["mean"],
+        std=opts["std"],
         label_column=opts["label_column"],
         only=list(opts["only"]),
         fresh=opts["fresh"],
-        command="modelshield " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command=opts["command"],
     )
     outcome = run_scan(cfg)
-    for r in outcome.results:
-        figure = r.figure.get("value")
-        fig = f"{r.figure.get('name')}: {figure:.3g}" if isinstance(figure, (int, float)) else ""
-        state = r.grade if r.status == "ok" else r.status
-        click.echo(f"{r.probe:<20} {state!s:<8} {fig or r.reason}")
+    _echo_results(outcome.results)
     click.echo(f"report: {outcome.reports['html']}")
     click.echo(f"report: {outcome.reports['json']}")
 
@@ -320,10 +335,7 @@ def attack_cmd(**opts: Any) -> None:
     """Run attack NAME on a model (or endpoint) and data; see 'modelshield list attacks'."""
     from modelshield.cli.attack import run_attack_command
 
-    bounds = _floats(opts["bounds"], "--bounds", 2) or [0.0, 1.0]
-    opts["bounds"] = (bounds[0], bounds[1])
-    opts["mean"] = _floats(opts["mean"], "--mean")
-    opts["std"] = _floats(opts["std"], "--std")
+    _parse_model_opts(opts).pop("command")
     summary = run_attack_command(**opts)
     click.echo(
         f"{summary['attack']}: clean accuracy {summary['clean_accuracy']:.3f}, robust accuracy "
@@ -394,19 +406,8 @@ def harden_adversarial_cmd(**opts: Any) -> None:
     """Adversarially train a model; write it and a before/after report."""
     from modelshield.scan.harden import HardenConfig, harden_adversarial
 
-    bounds = _floats(opts.pop("bounds"), "--bounds", 2) or [0.0, 1.0]
-    opts["mean"] = _floats(opts["mean"], "--mean")
-    opts["std"] = _floats(opts["std"], "--std")
-    cfg = HardenConfig(
-        **opts,
-        bounds=(bounds[0], bounds[1]),
-        command="modelshield " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-    )
-    outcome = harden_adversarial(cfg)
-    for r in outcome.results:
-        value = r.figure.get("value")
-        fig = f"{r.figure.get('name')}: {value:.3g}" if isinstance(value, (int, float)) else ""
-        click.echo(f"{r.probe:<20} {r.grade or r.status!s:<8} {fig}")
+    outcome = harden_adversarial(HardenConfig(**_parse_model_opts(opts)))
+    _echo_results(outcome.results)
     click.echo(f"model: {outcome.model_path}")
     click.echo(f"report: {outcome.reports['html']}")
     click.echo(f"report: {outcome.reports['json']}")
@@ -463,15 +464,7 @@ def certify_cmd(**opts: Any) -> None:
     """Certified L2 robustness by randomized smoothing (Cohen et al. 2019)."""
     from modelshield.scan.certify import CertifyConfig, certify_model
 
-    bounds = _floats(opts.pop("bounds"), "--bounds", 2) or [0.0, 1.0]
-    opts["mean"] = _floats(opts["mean"], "--mean")
-    opts["std"] = _floats(opts["std"], "--std")
-    cfg = CertifyConfig(
-        **opts,
-        bounds=(bounds[0], bounds[1]),
-        command="modelshield " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-    )
-    outcome = certify_model(cfg)
+    outcome = certify_model(CertifyConfig(**_parse_model_opts(opts)))
     for radius, acc in zip(outcome.radii, outcome.accuracy, strict=True):
         click.echo(f"radius {radius:<8.3g} certified accuracy {acc:.3f}")
     click.echo(f"result: {outcome.result_path}")
