@@ -72,6 +72,14 @@ def _project_l1(flat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 def project(delta: torch.Tensor, norm: str, eps: float | torch.Tensor) -> torch.Tensor:
     """Project each perturbation onto the Lp ball of radius ``eps`` (scalar or per sample)."""
     _check(norm)
+    if not isinstance(eps, torch.Tensor):  # scalar: no tensor made, no host-device copy
+        e_f = float(eps)
+        if norm == "linf":
+            return delta.clamp(-e_f, e_f)
+        if norm == "l2":
+            n = _flat(delta).norm(p=2, dim=1)
+            factor = (e_f / n.clamp_min(_TINY)).clamp_max(1.0)
+            return delta * _bcast(factor, delta)
     e = _eps_tensor(eps, delta)
     if norm == "linf":
         b = _bcast(e, delta)

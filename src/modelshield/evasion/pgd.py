@@ -30,6 +30,9 @@ from modelshield.evasion.base import (
     resolve_goal,
 )
 
+_COMPACT_EVERY = 4
+"""Steps between dropping fooled points from the batch: each drop waits for the device."""
+
 
 def _pgd_run(
     model: Classifier,
@@ -61,26 +64,31 @@ def _pgd_run(
     success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     queries = torch.zeros(len(x), dtype=torch.long, device=x.device)
     active = torch.arange(len(x), device=x.device)
-    for _ in range(steps):
+    for t in range(steps):
         xa = x_adv[active].clone().requires_grad_(True)
         logits = model(xa)
         queries[active] += 1
-        done = is_success(logits.argmax(dim=1), goal[active], threat.targeted)
-        obj = attack_loss(logits, goal[active], loss).sum() * sign
+        target = goal[active]
+        done = is_success(logits.argmax(dim=1), target, threat.targeted) | success[active]
+        obj = attack_loss(logits, target, loss).sum() * sign
         (grad,) = torch.autograd.grad(obj, xa)
         with torch.no_grad():
-            success[active[done]] = True
-            keep = ~done
-            if not bool(keep.any()):
-                active = active[keep]
-                break
-            idx = active[keep]
-            direction = _lp.steepest_ascent(grad[keep], threat.norm, l1_sparsity=l1_sparsity)
-            stepped = xa.detach()[keep] + step_size * direction
-            x_adv[idx] = _lp.project_to_threat(
-                stepped, x[idx], threat.norm, threat.eps, threat.bounds
+            success[active] = done
+            direction = _lp.steepest_ascent(grad, threat.norm, l1_sparsity=l1_sparsity)
+            stepped = _lp.project_to_threat(
+                xa.detach() + step_size * direction,
+                x[active],
+                threat.norm,
+                threat.eps,
+                threat.bounds,
             )
-            active = idx
+            # fooled points stay where they were fooled; no host sync inside the step
+            frozen = done.view(-1, *([1] * (x.ndim - 1)))
+            x_adv[active] = torch.where(frozen, xa.detach(), stepped)
+            if (t + 1) % _COMPACT_EVERY == 0:  # drop fooled points (one sync per few steps)
+                active = active[~done]
+                if not len(active):
+                    break
     if len(active):
         with torch.no_grad():
             pred = model(x_adv[active]).argmax(dim=1)
