@@ -6,6 +6,7 @@ import importlib
 
 BUILTIN_MODULES = (
     "modelshield.core.architectures",
+    "modelshield.defenses",
     "modelshield.evasion",
     "modelshield.scan.probe",
 )

@@ -2,7 +2,8 @@
 
 Adversarial training (:func:`adversarial_train`): PGD-AT (Madry et al. 2018), TRADES
 (Zhang et al. 2019) and FGSM-RS (Wong et al. 2020), resumable from a checkpoint.
-Randomized smoothing lives in :mod:`modelshield.defenses.smoothing`.
+Randomized smoothing (Cohen et al. 2019): :class:`SmoothedClassifier` and
+:func:`gaussian_augmentation_train` in :mod:`modelshield.defenses.smoothing`.
 """
 
 from __future__ import annotations
@@ -17,15 +18,20 @@ from modelshield.defenses.adversarial import (
     AdversarialTrainingResult,
     adversarial_train,
 )
+from modelshield.defenses.smoothing import SmoothedClassifier, gaussian_augmentation_train
 
 #: Registered defences, by name (DESIGN.md "Registries").
 DEFENSES: Registry[Callable[..., Any]] = Registry("defenses", singular="defence")
 DEFENSES.add("adversarial-training", adversarial_train)
+DEFENSES.add("randomized-smoothing", SmoothedClassifier)
+DEFENSES.add("gaussian-augmentation", gaussian_augmentation_train)
 
 __all__ = [
     "DEFENSES",
     "METHODS",
     "AdversarialTrainingConfig",
     "AdversarialTrainingResult",
+    "SmoothedClassifier",
     "adversarial_train",
+    "gaussian_augmentation_train",
 ]

@@ -14,9 +14,14 @@ Three recipes, one loop (:func:`adversarial_train`), one config
   ``CE(f(x), y) + beta · KL(f(x) ‖ f(x'))`` where ``x'`` maximises the KL term, found by
   PGD started at ``x + 0.001·N(0, I)`` as in the paper's code.
 * ``"fgsm-rs"`` — Wong, Rice & Kolter, "Fast is better than free: Revisiting adversarial
-  training", ICLR 2020: a uniform random start in the ball, one steepest-ascent step of
+  training", ICLR 2020: a uniform random start in the ball (not clipped to the input
+  bounds, as in their MNIST code; only the result is), one steepest-ascent step of
   ``alpha = 1.25·eps`` (``step_size``), projection, then the update; with a cyclic
-  (triangular one-cycle) learning rate. About twice the cost of a clean epoch.
+  (triangular one-cycle) learning rate. About twice the cost of a clean epoch. FGSM-RS
+  can overfit catastrophically (Wong et al.; Andriushchenko & Flammarion 2020): by
+  default (``keep_best``) PGD accuracy on a fixed sample of training points is measured
+  after every epoch, and the best epoch's weights are restored at the end when the last
+  epoch's accuracy has collapsed.
 
 All norm maths (projection, steepest ascent, ball sampling) comes from
 :mod:`modelshield.evasion._lp`, so every recipe works for L∞, L2 and L1.
@@ -27,7 +32,8 @@ in the TRADES reference code: BatchNorm then normalises with its running statist
 attack passes do not update) and dropout is off, so the attack sees the model it will face
 at test time. For models without BatchNorm or dropout eval and train mode compute the same
 function, so the choice does not matter there. ``attack_mode="train"`` keeps the model in
-train mode throughout, as Madry et al.'s and Wong et al.'s code do.
+train mode throughout, as Wong et al.'s code does (BatchNorm statistics then also move
+with every attack pass).
 
 **Mixed precision.** ``bf16=True`` runs every forward pass — the attack's and the update's
 — under ``torch.autocast(device_type, dtype=torch.bfloat16)``; weights, gradients and the
@@ -102,6 +108,10 @@ _EVAL_BATCH = 512
 _L1_SPARSITY = 0.95  # the L1 steepest-ascent sparsity evasion.pgd uses by default
 _TRADES_INIT_STD = 0.001  # Zhang et al.'s start: x + 0.001·N(0, I)
 _ATTACK_SEED_OFFSET = 0x9E3779B97F4A7C15 % 2**63  # a second stream from the same seed
+_GUARD_SEED_STEP = 0x2545F4914F6CDD1D  # the keep_best guard's generator, per epoch
+# keep_best restores the best epoch only when the last one is this much worse: a collapse
+# is tens of points; on 1,024 points the sampling noise is below 1.6 points (one s.e.)
+_GUARD_TOLERANCE = 0.05
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -146,7 +156,12 @@ class AdversarialTrainingConfig:
     ``bf16``: forward passes under bfloat16 autocast. ``eps_warmup_epochs``: ramp eps (and
     the step size with it) linearly from 0 to ``eps`` over that many epochs, per iteration
     (0: no ramp). ``attack_mode``: the model's mode while the attack runs (see the module
-    docstring).
+    docstring). ``keep_best``: after each epoch measure PGD accuracy (10 steps, full eps)
+    on a fixed sample of up to 1,024 training points; when training ends, if the last
+    epoch's is more than 5 points below the best epoch's, restore the best epoch's
+    weights — the guard against catastrophic overfitting of Wong et al. 2020 (PGD accuracy
+    collapses to near 0 within an epoch while FGSM accuracy keeps rising), in the
+    keep-the-best form of Rice et al. 2020; default on for FGSM-RS.
     """
 
     method: str = "pgd-at"
@@ -167,6 +182,7 @@ class AdversarialTrainingConfig:
     seed: int = 0
     eps_warmup_epochs: int = 0
     attack_mode: str = "eval"
+    keep_best: bool | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -215,6 +231,10 @@ class AdversarialTrainingConfig:
                 f"eps_warmup_epochs must be <= epochs ({self.epochs}), got {warm}"
             )
         _choice(self.attack_mode, "attack_mode", ATTACK_MODES)
+        if self.keep_best is None:
+            put("keep_best", self.method == "fgsm-rs")
+        elif not isinstance(self.keep_best, bool):
+            raise InvalidConfigError(f"keep_best must be a bool or None, got {self.keep_best!r}")
 
     @property
     def threat(self) -> LpThreat:
@@ -255,7 +275,11 @@ class AdversarialTrainingResult(Result):
     config's during an eps warm-up), ``seconds`` (the epoch's training time, without the
     measurements) and ``eval_seconds``; with ``eval_data`` also ``eval_clean_accuracy`` and
     ``eval_robust_accuracy`` (:func:`modelshield.evasion.pgd`, 10 steps, at the full eps).
-    ``resumed_from_epoch``: epochs found in the checkpoint (0 for a fresh run).
+    With ``keep_best`` also ``guard_robust_accuracy`` (10-step PGD on the same fixed sample
+    of training points). ``resumed_from_epoch``: epochs found in the checkpoint (0 for a
+    fresh run). ``selected_epoch``: the epoch whose weights the module holds at the end
+    (the last, or with ``keep_best`` the best by ``guard_robust_accuracy`` when the last
+    epoch's fell more than 5 points below it).
     """
 
     result_type: ClassVar[str] = "adversarial-training"
@@ -265,6 +289,7 @@ class AdversarialTrainingResult(Result):
     epochs_completed: int = 0
     resumed_from_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    selected_epoch: int = 0
     checkpoint: str | None = None
 
     @property
@@ -343,11 +368,17 @@ def _fgsm_rs_examples(
     bounds: tuple[float, float],
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Uniform start in the ball, one step of ``alpha``, projection (Wong et al. 2020)."""
+    """Uniform start in the ball, one step of ``alpha``, projection (Wong et al. 2020).
+
+    The start is *not* clipped to ``bounds`` (only the result is), as in Wong et al.'s
+    MNIST code: on data whose pixels sit mostly at the edge of the box (MNIST's black
+    background), clipping the start removes its randomness there, every example lands on
+    the FGSM corner again, and training overfits catastrophically (PGD accuracy 0%).
+    """
     noise = _lp.sample_ball(
         x.shape, norm, eps, generator=generator, device=x.device, dtype=x.dtype, radius="uniform"
     )
-    start = _lp.clip_to_bounds(x + noise, bounds).requires_grad_(True)
+    start = (x + noise).requires_grad_(True)
     loss = F.cross_entropy(forward(start), y, reduction="sum")
     (grad,) = torch.autograd.grad(loss, start)
     with torch.no_grad():
@@ -478,20 +509,24 @@ class _Source:
                     )
                 yield _check_xy(batch[0], batch[1], "DataLoader batch")
             return
-        assert self.x is not None and self.y is not None  # set in __init__ for tensors
-        n = len(self.x)
-        order = torch.randperm(n, generator=generator).to(self.x.device)
-        for i in range(0, n, self.batch_size):
+        x, y = self._tensors()
+        order = torch.randperm(len(x), generator=generator).to(x.device)
+        for i in range(0, len(x), self.batch_size):
             idx = order[i : i + self.batch_size]
-            yield self.x[idx], self.y[idx]
+            yield x[idx], y[idx]
+
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.x is None or self.y is None:
+            raise RuntimeError("this training source reads a DataLoader, not tensors")
+        return self.x, self.y
 
     def probe(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Up to 1,024 evenly spaced training points, fixed for the whole run."""
-        if self.x is not None and self.y is not None:
-            n = len(self.x)
+        if self.loader is None:
+            x, y = self._tensors()
+            n = len(x)
             idx = torch.linspace(0, n - 1, min(n, _PROBE_POINTS)).round().long()
-            return self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)]
-        assert self.loader is not None
+            return x[idx.to(x.device)], y[idx.to(y.device)]
         try:
             data = self.loader.dataset
             n = len(data)  # type: ignore[arg-type]
@@ -603,8 +638,10 @@ def _evaluate(
     eval_set: tuple[torch.Tensor, torch.Tensor] | None,
     config: AdversarialTrainingConfig,
     device: torch.device,
+    epoch: int,
 ) -> dict[str, Any]:
-    """Clean accuracy on the training probe; clean and PGD-robust accuracy on eval_data."""
+    """Clean (and with ``keep_best`` PGD) accuracy on the training probe; clean and
+    PGD-robust accuracy on eval_data."""
     out: dict[str, Any] = {"clean_accuracy": None}
     module.eval()
     with torch.no_grad():
@@ -617,6 +654,8 @@ def _evaluate(
                     (_logits(module(xb)).argmax(1) == py[i : i + _EVAL_BATCH].to(device)).sum()
                 )
             out["clean_accuracy"] = correct / len(px)
+    if probe is not None and config.keep_best:
+        out["guard_robust_accuracy"] = _guard_accuracy(module, probe, config, device, epoch)
     if eval_set is not None:
         ex, ey = eval_set
         clf = from_torch(
@@ -626,12 +665,47 @@ def _evaluate(
         for i in range(0, len(ex), _EVAL_BATCH):
             xb, yb = ex[i : i + _EVAL_BATCH], ey[i : i + _EVAL_BATCH]
             res = pgd(clf, xb, yb, threat=config.threat, steps=10, seed=config.seed)
-            assert res.clean_correct is not None and res.success is not None  # untargeted
+            if res.clean_correct is None or res.success is None:  # set for untargeted attacks
+                raise RuntimeError("evasion.pgd returned no per-sample outcomes")
             clean += int(res.clean_correct.sum())
             robust += int((~res.success).sum())
         out["eval_clean_accuracy"] = clean / len(ex)
         out["eval_robust_accuracy"] = robust / len(ex)
     return out
+
+
+def _guard_accuracy(
+    module: nn.Module,
+    probe: tuple[torch.Tensor, torch.Tensor],
+    config: AdversarialTrainingConfig,
+    device: torch.device,
+    epoch: int,
+) -> float:
+    """10-step PGD accuracy on the probe, fp32, eval mode, its own seeded generator (so it
+    draws nothing from the training's random streams)."""
+    gen = make_generator((config.seed + _GUARD_SEED_STEP * (epoch + 1)) % 2**63, device)
+
+    def forward(inp: torch.Tensor) -> torch.Tensor:
+        return _logits(module(inp)).float()
+
+    px, py = probe
+    correct = 0
+    for i in range(0, len(px), _EVAL_BATCH):
+        xb, yb = px[i : i + _EVAL_BATCH].to(device), py[i : i + _EVAL_BATCH].to(device).long()
+        x_adv = _pgd_examples(
+            forward,
+            xb,
+            yb,
+            norm=config.norm,
+            eps=config.eps,
+            step_size=2.5 * config.eps / 10,
+            steps=10,
+            bounds=config.bounds,
+            generator=gen,
+        )
+        with torch.no_grad():
+            correct += int((forward(x_adv).argmax(1) == yb).sum())
+    return correct / len(px)
 
 
 def _logits(out: object) -> torch.Tensor:
@@ -689,6 +763,11 @@ def adversarial_train(
     if eval_set is not None:
         _check_values(*eval_set, config.bounds, "eval_data")
     probe = source.probe()
+    if probe is None and config.keep_best:
+        logger.warning(
+            "keep_best needs a fixed sample of training points (a DataLoader over an indexable "
+            "dataset); this DataLoader has none, so the catastrophic-overfitting guard is off"
+        )
 
     if config.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
@@ -719,6 +798,7 @@ def adversarial_train(
         return out.float()
 
     history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {}  # keep_best: {"epoch", "guard_robust_accuracy", "model"}
     start_epoch = 0
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
@@ -733,6 +813,7 @@ def adversarial_train(
                 ) from exc
             start_epoch = int(state["epoch"])
             history = list(state["history"])
+            best = dict(state["best"])
             rng = state["rng"]
             _set_rng_state(rng["global"], dev)
             shuffle_gen.set_state(rng["shuffle"])
@@ -741,7 +822,7 @@ def adversarial_train(
             logger.info("resuming from %s after epoch %d", ckpt, start_epoch)
         if start_epoch >= config.epochs:
             logger.info("checkpoint has %d epochs already; nothing to train", start_epoch)
-        checked = False
+        state_checked = False
         bar = tqdm(
             total=config.epochs,
             initial=min(start_epoch, config.epochs),
@@ -751,80 +832,59 @@ def adversarial_train(
         try:
             for epoch in range(start_epoch, config.epochs):
                 t0 = time.perf_counter()
-                loss_sum = torch.zeros((), device=dev)
-                correct = torch.zeros((), dtype=torch.long, device=dev)
-                seen = 0
-                iteration = epoch * per_epoch
-                lr_t = eps_t = 0.0
-                batches = tqdm(
+                record = _train_epoch(
+                    module,
+                    forward,
+                    opt,
                     source.batches(shuffle_gen),
-                    total=per_epoch,
-                    desc=f"epoch {epoch + 1}",
-                    leave=False,
-                    disable=None,
+                    config,
+                    epoch,
+                    per_epoch,
+                    attack_gen,
+                    dev,
+                    check=not state_checked,
+                    all_labels=source.y,
                 )
-                for xb, yb in batches:
-                    xb = xb.to(dev, non_blocking=True)
-                    yb = yb.to(dev, non_blocking=True).long()
-                    if not checked:
-                        _check_first_batch(module, xb, yb, config, forward, source.y)
-                        checked = True
-                    lr_t = learning_rate_at(config, iteration, per_epoch)
-                    for group in opt.param_groups:
-                        group["lr"] = lr_t
-                    eps_t = _eps_at(config, iteration, per_epoch)
-                    step_t = float(config.step_size) * eps_t / config.eps  # type: ignore[arg-type]
-                    loss, logits = _step(module, forward, xb, yb, config, eps_t, step_t, attack_gen)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    with torch.no_grad():
-                        loss_sum += loss.detach() * len(yb)
-                        correct += (logits.argmax(dim=1) == yb).sum()
-                    seen += len(yb)
-                    iteration += 1
+                state_checked = True
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 seconds = time.perf_counter() - t0
                 t1 = time.perf_counter()
-                record: dict[str, Any] = {
-                    "epoch": epoch + 1,
-                    "loss": float(loss_sum) / max(seen, 1),
-                    "adv_accuracy": int(correct) / max(seen, 1),
-                }
-                record.update(_evaluate(module, probe, eval_set, config, dev))
-                record.update(
-                    lr=lr_t,
-                    eps=eps_t,
-                    seconds=seconds,
-                    eval_seconds=time.perf_counter() - t1,
-                )
+                record.update(_evaluate(module, probe, eval_set, config, dev, epoch))
+                record.update(seconds=seconds, eval_seconds=time.perf_counter() - t1)
                 history.append(record)
+                guard = record.get("guard_robust_accuracy")
+                if guard is not None and (not best or guard >= best["guard_robust_accuracy"]):
+                    best = {
+                        "epoch": epoch + 1,
+                        "guard_robust_accuracy": guard,
+                        "model": {
+                            k: v.detach().cpu().clone() for k, v in module.state_dict().items()
+                        },
+                    }
                 if ckpt is not None:
                     _save_checkpoint(
                         ckpt,
                         module,
                         opt,
                         config,
-                        epoch + 1,
-                        iteration,
                         history,
+                        best,
                         source,
                         {"shuffle": shuffle_gen, "attack": attack_gen},
                         dev,
                     )
                 logger.info(
-                    "%s epoch %d/%d: loss %.4f, adversarial accuracy %.3f, clean accuracy %s, "
+                    "%s epoch %d/%d: loss %.4f, adversarial accuracy %.3f, clean accuracy %s%s, "
                     "lr %.4g, %.1fs",
                     config.method,
                     epoch + 1,
                     config.epochs,
                     record["loss"],
                     record["adv_accuracy"],
-                    "n/a"
-                    if record["clean_accuracy"] is None
-                    else f"{record['clean_accuracy']:.3f}",
-                    lr_t,
+                    _fmt(record["clean_accuracy"]),
+                    "" if guard is None else f", PGD accuracy {guard:.3f}",
+                    record["lr"],
                     seconds,
                 )
                 bar.update(1)
@@ -833,6 +893,29 @@ def adversarial_train(
         finally:
             bar.close()
             module.eval()
+        selected = len(history)
+        last_guard = history[-1].get("guard_robust_accuracy") if history else None
+        if (
+            best
+            and last_guard is not None
+            and last_guard < best["guard_robust_accuracy"] - _GUARD_TOLERANCE
+        ):
+            try:
+                module.load_state_dict(best["model"])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise InvalidConfigError(
+                    f"{ckpt} does not fit this model: {str(exc).splitlines()[0]}"
+                ) from exc
+            selected = int(best["epoch"])
+            logger.warning(
+                "keep_best: PGD accuracy on the guard sample fell from %.3f (epoch %d) to %.3f "
+                "(epoch %d), catastrophic overfitting; restored the weights of epoch %d",
+                best["guard_robust_accuracy"],
+                selected,
+                last_guard,
+                len(history),
+                selected,
+            )
     return AdversarialTrainingResult(
         config=config.to_dict(),
         seed=config.seed,
@@ -842,8 +925,64 @@ def adversarial_train(
         epochs_completed=len(history),
         resumed_from_epoch=start_epoch,
         history=history,
+        selected_epoch=selected,
         checkpoint=str(ckpt) if ckpt is not None else None,
     )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _train_epoch(
+    module: nn.Module,
+    forward: Forward,
+    opt: torch.optim.Optimizer,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    config: AdversarialTrainingConfig,
+    epoch: int,
+    per_epoch: int,
+    attack_gen: torch.Generator,
+    device: torch.device,
+    *,
+    check: bool,
+    all_labels: torch.Tensor | None,
+) -> dict[str, Any]:
+    """One epoch of training; with ``check`` the first batch (and ``all_labels``, the whole
+    label tensor when known) is validated before any update."""
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    iteration = epoch * per_epoch
+    lr_t = eps_t = 0.0
+    progress = tqdm(batches, total=per_epoch, desc=f"epoch {epoch + 1}", leave=False, disable=None)
+    for xb, yb in progress:
+        xb = xb.to(device, non_blocking=True)
+        yb = yb.to(device, non_blocking=True).long()
+        if check:
+            _check_first_batch(module, xb, yb, config, forward, all_labels)
+            check = False
+        lr_t = learning_rate_at(config, iteration, per_epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr_t
+        eps_t = _eps_at(config, iteration, per_epoch)
+        step_t = float(config.step_size) * eps_t / config.eps  # type: ignore[arg-type]
+        loss, logits = _step(module, forward, xb, yb, config, eps_t, step_t, attack_gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            loss_sum += loss.detach() * len(yb)
+            correct += (logits.argmax(dim=1) == yb).sum()
+        seen += len(yb)
+        iteration += 1
+    return {
+        "epoch": epoch + 1,
+        "loss": float(loss_sum) / max(seen, 1),
+        "adv_accuracy": int(correct) / max(seen, 1),
+        "lr": lr_t,
+        "eps": eps_t,
+    }
 
 
 def _step(
@@ -944,21 +1083,21 @@ def _save_checkpoint(
     module: nn.Module,
     opt: torch.optim.Optimizer,
     config: AdversarialTrainingConfig,
-    epoch: int,
-    iteration: int,
     history: list[dict[str, Any]],
+    best: dict[str, Any],
     source: _Source,
     generators: dict[str, torch.Generator],
     device: torch.device,
 ) -> None:
     """Write ``last.pt`` atomically; only weights_only-loadable types inside."""
+    epoch = len(history)
     state = {
         "format": _CHECKPOINT_FORMAT,
         "version": __version__,
         "config": config.to_dict(),
         "data": source.fingerprint,
         "epoch": epoch,
-        "scheduler": {"schedule": config.schedule, "iteration": iteration},
+        "scheduler": {"schedule": config.schedule, "iteration": epoch * source.per_epoch},
         "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         "optimizer": opt.state_dict(),
         "rng": {
@@ -967,6 +1106,7 @@ def _save_checkpoint(
             "data": source.rng_states(),
         },
         "history": history,
+        "best": best,
     }
     with atomic_open(path, "wb") as fh:
         torch.save(state, fh)
