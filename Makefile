@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 pytest: $(STAMP)
-	$(PY) -m pytest -m 'not slow and not gpu'
+	scripts/loopback.sh $(PY) -m pytest -m 'not slow and not gpu'
 
 test: lint pytest
 

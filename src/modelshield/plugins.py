@@ -8,6 +8,8 @@ BUILTIN_MODULES = (
     "modelshield.core.architectures",
     "modelshield.defenses",
     "modelshield.evasion",
+    "modelshield.exec",
+    "modelshield.privacy.audit",
     "modelshield.scan.probe",
 )
 

@@ -471,6 +471,85 @@ def certify_cmd(**opts: Any) -> None:
     click.echo(f"report: {outcome.reports['html']}")
 
 
+@cli.group("audit")
+def audit_group() -> None:
+    """Audit a model for privacy leaks."""
+
+
+@audit_group.command("membership")
+@click.option(
+    "--model", "model", required=True, type=click.Path(dir_okay=False), help="The model to audit."
+)
+@click.option(
+    "--train-data",
+    "train_data",
+    required=True,
+    type=click.Path(),
+    help="Its training data (the members).",
+)
+@click.option(
+    "--data",
+    "data",
+    required=True,
+    type=click.Path(),
+    help="Held-out data from the same distribution (the non-members).",
+)
+@click.option(
+    "--attack",
+    type=click.Choice(["loss", "shadow", "lira", "lira-offline", "rmia", "label-only"]),
+    default="lira",
+    show_default=True,
+)
+@click.option(
+    "--shadow-models",
+    type=click.IntRange(min=2),
+    default=8,
+    show_default=True,
+    help="Reference/shadow models (even).",
+)
+@click.option(
+    "--shadow-arch",
+    help="Architecture of the reference models (default: small_cnn for images, mlp otherwise).",
+)
+@click.option("--shadow-epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option(
+    "--n",
+    "n",
+    type=click.IntRange(min=10),
+    default=500,
+    show_default=True,
+    help="Members (and as many non-members) audited.",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where reference models train.",
+)
+@click.option("--ray-address", help="Connect to this Ray cluster (default: start a local one).")
+@click.option("--workers", type=click.IntRange(min=1), help="Ray workers for a local Ray.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Writes result.json, report.html, report.json; reference models are cached here.",
+)
+@model_options
+def audit_membership_cmd(**opts: Any) -> None:
+    """Membership inference: can an attacker tell training records from others?"""
+    from modelshield.scan.audit import run_membership_audit
+
+    summary = run_membership_audit(**_parse_model_opts(opts))
+    click.echo(
+        f"{summary['attack']}: AUC {summary['auc']:.3f}, TPR at 0.1% FPR "
+        f"{summary['tpr_at_fpr']['0.001']:.3f}, at 1% FPR {summary['tpr_at_fpr']['0.01']:.3f}"
+    )
+    click.echo(f"result: {summary['paths']['result']}")
+    click.echo(f"report: {summary['paths']['html']}")
+
+
 @cli.command("list")
 @click.argument("kind", required=False)
 def list_cmd(kind: str | None) -> None:

@@ -8,6 +8,7 @@ needed at run time; tests check them against SciPy.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -185,3 +186,140 @@ def norm_ppf(p: float) -> float:
     if p <= 0.5:
         return _norm_ppf_lower(p)
     return -_norm_ppf_lower(1.0 - p)
+
+
+def bootstrap_mean_ci(
+    values: torch.Tensor,
+    *,
+    confidence: float = 0.95,
+    n_boot: int = 2000,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval (Efron 1979) for the mean of per-record ``values``.
+
+    Pass paired differences (e.g. ``attack_correct - baseline_correct``) to get an interval
+    on a difference of accuracies measured on the same records.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise InvalidConfigError(f"confidence must be in (0, 1), got {confidence}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise InvalidConfigError(f"n_boot must be a positive integer, got {n_boot!r}")
+    v = values.detach().double().flatten().cpu()
+    n = int(v.numel())
+    if n == 0:
+        return (float("nan"), float("nan"))
+    idx = torch.randint(0, n, (n_boot, n), generator=generator)
+    means = v[idx].mean(dim=1)
+    alpha = 1.0 - confidence
+    q = torch.tensor([alpha / 2, 1 - alpha / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(means, q).tolist()
+    return (float(lo), float(hi))
+
+
+# -- ROC metrics for membership inference ----------------------------------------------------
+# Carlini et al., "Membership Inference Attacks From First Principles" (S&P 2022) argue for
+# reporting the full ROC curve and the TPR at a low FPR rather than accuracy or AUC alone.
+
+
+def _check_scores_labels(
+    scores: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a score vector and a boolean label vector; return float64 / bool copies on CPU."""
+    if not isinstance(scores, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise InvalidConfigError(
+            "scores and labels must be torch.Tensor, got "
+            f"{type(scores).__name__} and {type(labels).__name__}"
+        )
+    if scores.ndim != 1 or labels.ndim != 1 or scores.shape[0] != labels.shape[0]:
+        raise InvalidConfigError(
+            "scores and labels must be 1-D of the same length, got shapes "
+            f"{tuple(scores.shape)} and {tuple(labels.shape)}"
+        )
+    s = scores.detach().cpu().to(torch.float64)
+    if not bool(torch.isfinite(s).all()):
+        raise InvalidConfigError("scores contain NaN or infinite values")
+    lab = labels.detach().cpu()
+    if lab.dtype != torch.bool:
+        if bool(((lab != 0) & (lab != 1)).any()):
+            raise InvalidConfigError("labels must be boolean (or 0/1): True marks a member")
+        lab = lab.bool()
+    n_pos = int(lab.sum())
+    if n_pos == 0 or n_pos == lab.numel():
+        raise InvalidConfigError(
+            f"labels need both members and non-members, got {n_pos} members of {lab.numel()}"
+        )
+    return s, lab
+
+
+def roc_curve(
+    scores: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact ROC curve of ``scores`` (higher = positive) against boolean ``labels``.
+
+    One point per distinct score (ties move together), starting at ``(0, 0)`` with
+    threshold ``+inf``; a point is "positive" when its score is ``>= threshold``. Matches
+    ``sklearn.metrics.roc_curve(..., drop_intermediate=False)``. Returns float64 tensors
+    ``(fpr, tpr, thresholds)``.
+    """
+    s, lab = _check_scores_labels(scores, labels)
+    order = torch.argsort(s, descending=True, stable=True)
+    s_sorted = s[order]
+    pos = lab[order].to(torch.float64)
+    tp = torch.cumsum(pos, 0)
+    fp = torch.cumsum(1.0 - pos, 0)
+    # last index of each run of equal scores
+    last = torch.ones_like(s_sorted, dtype=torch.bool)
+    last[:-1] = s_sorted[1:] != s_sorted[:-1]
+    zero = torch.zeros(1, dtype=torch.float64)
+    tpr = torch.cat([zero, tp[last] / tp[-1]])
+    fpr = torch.cat([zero, fp[last] / fp[-1]])
+    thr = torch.cat([torch.full((1,), math.inf, dtype=torch.float64), s_sorted[last]])
+    return fpr, tpr, thr
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve (trapezoidal on the exact curve: ties count one half)."""
+    fpr, tpr, _ = roc_curve(scores, labels)
+    return float(torch.trapezoid(tpr, fpr))
+
+
+def tpr_at_fpr(scores: torch.Tensor, labels: torch.Tensor, fpr: float) -> float:
+    """Largest TPR over thresholds whose FPR is ``<= fpr`` (Carlini et al. 2022, Table 1)."""
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0.0 <= fpr <= 1.0:
+        raise InvalidConfigError(f"fpr must be a number in [0, 1], got {fpr!r}")
+    f, t, _ = roc_curve(scores, labels)
+    ok = f <= fpr + 1e-12
+    return float(t[ok].max())  # (0, 0) is always present
+
+
+def bootstrap_ci(
+    fn: Callable[[torch.Tensor, torch.Tensor], float],
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``fn(scores, labels)`` (Efron & Tibshirani 1993).
+
+    Members and non-members are resampled separately (stratified), so every replicate
+    keeps both classes and the class balance of the original sample.
+    """
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise InvalidConfigError(f"n_boot must be an integer >= 1, got {n_boot!r}")
+    if isinstance(confidence, bool) or not 0.0 < float(confidence) < 1.0:
+        raise InvalidConfigError(f"confidence must be in (0, 1), got {confidence!r}")
+    s, lab = _check_scores_labels(scores, labels)
+    g = torch.Generator().manual_seed(int(seed))
+    pos = torch.nonzero(lab).flatten()
+    neg = torch.nonzero(~lab).flatten()
+    stats = torch.empty(n_boot, dtype=torch.float64)
+    for b in range(n_boot):
+        ip = pos[torch.randint(len(pos), (len(pos),), generator=g)]
+        ineg = neg[torch.randint(len(neg), (len(neg),), generator=g)]
+        idx = torch.cat([ip, ineg])
+        stats[b] = float(fn(s[idx], lab[idx]))
+    alpha = 1.0 - float(confidence)
+    q = torch.tensor([alpha / 2, 1.0 - alpha / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(stats, q).tolist()
+    return float(lo), float(hi)

@@ -195,3 +195,90 @@ class RobustnessResult(Result):
     queries: list[int] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
     checks: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MembershipResult(Result):
+    """Outcome of a membership-inference attack: per-sample scores and the ROC behind them.
+
+    ``scores[i]``: higher means "more likely a member"; ``labels[i]``: ``True`` for a member.
+    ``tpr_at_fpr`` maps FPR levels (``"0.001"``, ``"0.01"``) to the best TPR at that FPR
+    (Carlini et al., S&P 2022); ``auc_ci`` / ``tpr_ci`` are stratified bootstrap intervals;
+    ``roc`` holds a downsampled curve (``fpr``, ``tpr`` lists of <= 500 points) for reports.
+    """
+
+    result_type: ClassVar[str] = "membership"
+
+    attack: str = ""
+    scores: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    auc: float = float("nan")
+    auc_ci: list[float] = field(default_factory=list)
+    tpr_at_fpr: dict[str, float] = field(default_factory=dict)
+    tpr_ci: dict[str, list[float]] = field(default_factory=dict)
+    roc: dict[str, list[float]] = field(default_factory=dict)
+    n_members: int = 0
+    n_nonmembers: int = 0
+
+    @classmethod
+    def from_scores(
+        cls,
+        attack: str,
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        seed: int | None = 0,
+        config: dict[str, Any] | None = None,
+        n_boot: int = 200,
+        fprs: tuple[float, ...] = (0.001, 0.01),
+        wall_time: float = 0.0,
+        max_roc_points: int = 500,
+    ) -> MembershipResult:
+        """Compute AUC, TPR at each FPR in ``fprs`` and their bootstrap intervals."""
+        from modelshield.core import metrics  # core-internal; metrics never imports results
+
+        s, lab = metrics._check_scores_labels(scores, labels)
+        boot_seed = 0 if seed is None else int(seed)
+        auc = metrics.roc_auc(s, lab)
+        auc_ci = list(metrics.bootstrap_ci(metrics.roc_auc, s, lab, n_boot=n_boot, seed=boot_seed))
+        tprs: dict[str, float] = {}
+        tpr_ci: dict[str, list[float]] = {}
+        for f in fprs:
+            key = repr(float(f))
+            tprs[key] = metrics.tpr_at_fpr(s, lab, f)
+
+            def at(sc: torch.Tensor, lb: torch.Tensor, _f: float = f) -> float:
+                return metrics.tpr_at_fpr(sc, lb, _f)
+
+            tpr_ci[key] = list(metrics.bootstrap_ci(at, s, lab, n_boot=n_boot, seed=boot_seed))
+        fpr, tpr, _ = metrics.roc_curve(s, lab)
+        keep = _roc_points(fpr, max_roc_points)
+        return cls(
+            config=dict(config or {}),
+            seed=seed,
+            wall_time=wall_time,
+            attack=attack,
+            scores=scores.detach().cpu().float(),
+            labels=lab,
+            auc=auc,
+            auc_ci=auc_ci,
+            tpr_at_fpr=tprs,
+            tpr_ci=tpr_ci,
+            roc={"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()},
+            n_members=int(lab.sum()),
+            n_nonmembers=int((~lab).sum()),
+        )
+
+
+def _roc_points(fpr: torch.Tensor, max_points: int) -> torch.Tensor:
+    """Indices of at most ``max_points`` ROC points: half evenly spaced along the curve,
+    half at log-spaced FPRs (so the low-FPR region stays visible), first and last kept."""
+    n = int(fpr.numel())
+    if n <= max_points:
+        return torch.arange(n)
+    half = max_points // 2
+    lin = torch.linspace(0, n - 1, half).round().long()
+    grid = torch.logspace(-6, 0, max_points - half - 2, dtype=torch.float64)
+    log_idx = (torch.searchsorted(fpr, grid, right=True) - 1).clamp(0, n - 1)
+    idx = torch.unique(torch.cat([lin, log_idx, torch.tensor([0, n - 1])]))
+    return idx[:max_points] if idx.numel() > max_points else idx

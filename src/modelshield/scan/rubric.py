@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-RUBRIC_VERSION = "2026.11-2"
+RUBRIC_VERSION = "2026.11-3"
 
 GRADES = {
     "A": "no practical weakness found at the tested strength",
@@ -69,6 +69,19 @@ def grade_evasion(clean_accuracy: float, robust_accuracy: float) -> tuple[str, s
     return letter, rule
 
 
+# Membership inference: TPR at 1% FPR (Carlini et al. 2022 argue for low-FPR figures; at
+# the sample sizes of a scan, 1% is the lowest FPR with more than a handful of negatives).
+MEMBERSHIP_THRESHOLDS = (("A", 0.02), ("B", 0.05), ("C", 0.10), ("D", 0.25))
+
+
+def grade_membership(tpr_at_1pct: float) -> tuple[str, str]:
+    """Grade a membership leak by the attack's TPR at 1% FPR (random guessing gives 1%)."""
+    for letter, ceiling in MEMBERSHIP_THRESHOLDS:
+        if tpr_at_1pct <= ceiling:
+            return letter, f"TPR at 1% FPR {tpr_at_1pct:.3f} <= {ceiling:.2f}"
+    return "F", f"TPR at 1% FPR {tpr_at_1pct:.3f} > {MEMBERSHIP_THRESHOLDS[-1][1]:.2f}"
+
+
 def rubric_document() -> dict[str, Any]:
     """The rubric as the report embeds it."""
     evasion = "; ".join(f"{g}: r >= {t:.2f}" for g, t in EVASION_THRESHOLDS) + "; F: below"
@@ -78,6 +91,9 @@ def rubric_document() -> dict[str, Any]:
         + ". Evasion: r = robust accuracy / clean accuracy under the worst of the attacks run "
         "at the reference eps (L∞ 8/255, L2 0.5, L1 10, times the width of the input bounds); "
         + evasion
-        + f"; capped at D when clean accuracy is below {MIN_CLEAN_ACCURACY:.2f}."
+        + f"; capped at D when clean accuracy is below {MIN_CLEAN_ACCURACY:.2f}. "
+        "Membership: the attack's TPR at 1% FPR (random guessing: 0.01); "
+        + "; ".join(f"{g}: <= {t:.2f}" for g, t in MEMBERSHIP_THRESHOLDS)
+        + "; F: above."
     )
     return {"version": RUBRIC_VERSION, "text": text, "grades": dict(GRADES)}
