@@ -40,7 +40,7 @@ def test_demo_rerun_reuses_everything(demo: tuple[Path, str]) -> None:
     r = run_cli("scan", "--demo", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "reusing the model trained earlier" in r.stderr
-    assert r.stderr.count("finished in an earlier run") == len(before) == 2
+    assert r.stderr.count("finished in an earlier run") == len(before) == 3  # file, evasion, membership
     assert {p.name: p.read_bytes() for p in (out / "probes").glob("*.json")} == before
 
 
