@@ -214,6 +214,11 @@ def cli(verbose: int, quiet: bool, debug: bool, threads: int | None) -> None:
     help="Threat norm of the evasion probes.",
 )
 @click.option(
+    "--sensitive-feature",
+    type=click.IntRange(min=0),
+    help="Column index of a sensitive feature (tabular data): runs the attribute-inference probe.",
+)
+@click.option(
     "--eps",
     type=float,
     help="Reference eps of the evasion probes (default: L∞ 8/255, L2 0.5, L1 10, times the width of --bounds).",
@@ -256,6 +261,7 @@ def scan_cmd(**opts: Any) -> None:
         arch=opts["arch"],
         profile=opts["profile"] or ("quick" if opts["demo"] else "standard"),
         eps=opts["eps"],
+        sensitive_feature=opts["sensitive_feature"],
         norm=opts["norm"],
         bounds=opts["bounds"],
         mean=opts["mean"],
@@ -545,6 +551,90 @@ def audit_membership_cmd(**opts: Any) -> None:
     click.echo(
         f"{summary['attack']}: AUC {summary['auc']:.3f}, TPR at 0.1% FPR "
         f"{summary['tpr_at_fpr']['0.001']:.3f}, at 1% FPR {summary['tpr_at_fpr']['0.01']:.3f}"
+    )
+    click.echo(f"result: {summary['paths']['result']}")
+    click.echo(f"report: {summary['paths']['html']}")
+
+
+@audit_group.command("inversion")
+@click.option(
+    "--model",
+    "model",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="A white-box image model.",
+)
+@click.option(
+    "--data",
+    "data",
+    required=True,
+    type=click.Path(),
+    help="Data whose class means the representatives are compared with.",
+)
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option(
+    "--tv-weight", type=float, default=0.01, show_default=True, help="Total-variation regulariser."
+)
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False))
+@model_options
+def audit_inversion_cmd(**opts: Any) -> None:
+    """Model inversion (MI-Face): reconstruct a representative of every class."""
+    from modelshield.scan.audit import run_inversion_audit
+
+    summary = run_inversion_audit(**_parse_model_opts(opts))
+    click.echo(
+        f"mi-face: {summary['nearest_fraction']:.0%} of representatives nearest their class mean"
+    )
+    click.echo(f"result: {summary['paths']['result']}")
+    click.echo(f"report: {summary['paths']['html']}")
+
+
+@audit_group.command("attribute")
+@click.option(
+    "--model", "model", required=True, type=click.Path(dir_okay=False), help="A tabular model."
+)
+@click.option(
+    "--train-data",
+    "train_data",
+    required=True,
+    type=click.Path(),
+    help="Records whose sensitive value is inferred (the targets).",
+)
+@click.option(
+    "--data", "data", required=True, type=click.Path(), help="Auxiliary records the attacker holds."
+)
+@click.option(
+    "--sensitive",
+    type=click.IntRange(min=0),
+    required=True,
+    help="Column index of the sensitive feature.",
+)
+@click.option(
+    "--values",
+    "values",
+    multiple=True,
+    type=float,
+    help="Candidate values (repeatable; default: the column's values or 5 quantile bins).",
+)
+@click.option(
+    "--attack",
+    type=click.Choice(["fredrikson", "learned"]),
+    default="fredrikson",
+    show_default=True,
+)
+@click.option(
+    "--n", "n", type=click.IntRange(min=1), default=300, show_default=True, help="Targets attacked."
+)
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False))
+@model_options
+def audit_attribute_cmd(**opts: Any) -> None:
+    """Attribute inference: does querying the model reveal a sensitive feature?"""
+    from modelshield.scan.audit import run_attribute_audit
+
+    summary = run_attribute_audit(**_parse_model_opts(opts))
+    click.echo(
+        f"{summary['attack']}: accuracy {summary['accuracy']:.3f}, baseline {summary['baseline_accuracy']:.3f}, "
+        f"advantage {summary['advantage']:.3f}"
     )
     click.echo(f"result: {summary['paths']['result']}")
     click.echo(f"report: {summary['paths']['html']}")

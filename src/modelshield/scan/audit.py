@@ -10,7 +10,7 @@ from typing import Any
 
 from modelshield.core.data import load_dataset
 from modelshield.core.device import select_device
-from modelshield.core.errors import UnsupportedModelError
+from modelshield.core.errors import DataError, InvalidConfigError, UnsupportedModelError
 from modelshield.core.io import atomic_write_json
 from modelshield.core.loading import check_fits, load_model
 from modelshield.core.seeding import check_seed, seed_everything
@@ -102,3 +102,171 @@ def run_membership_audit(**opts: Any) -> dict[str, Any]:
         "json": str(paths["json"]),
     }
     return summary
+
+
+def _write(
+    out: Path,
+    probe: Any,
+    summary: dict[str, Any],
+    target: dict[str, Any],
+    opts: dict[str, Any],
+    started: float,
+    device: Any,
+) -> dict[str, Any]:
+    """result.json and the reports for a single-probe audit."""
+    result_path = out / "result.json"
+    atomic_write_json(result_path, summary)
+    report = build_report(
+        probes=[probe],
+        run={
+            "id": uuid.uuid4().hex[:12],
+            "command": opts["command"],
+            "seed": opts["seed"],
+            "device": str(device),
+            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+            "finished": datetime.now(timezone.utc).isoformat(),
+        },
+        target=target,
+        rubric=rubric_document(),
+    )
+    paths = write_reports(report, out)
+    summary["paths"] = {
+        "result": str(result_path),
+        "html": str(paths["html"]),
+        "json": str(paths["json"]),
+    }
+    return summary
+
+
+def run_inversion_audit(**opts: Any) -> dict[str, Any]:
+    """MI-Face on a white-box model; writes result.json (per-class similarity) and the reports."""
+    from modelshield.privacy.inversion import mi_face
+    from modelshield.scan.probe.privacy_more import inversion_probe_result
+
+    started = time.time()
+    check_seed(opts["seed"])
+    device = select_device(opts["device"])
+    seed_everything(opts["seed"])
+    data = load_dataset(opts["data"], bounds=opts["bounds"])
+    loaded = load_model(
+        opts["model"],
+        trust_pickle=opts["trust_pickle"],
+        arch=opts["arch"],
+        input_shape=tuple(data.x.shape[1:]),
+        bounds=opts["bounds"],
+        mean=opts["mean"],
+        std=opts["std"],
+        device=device,
+    )
+    if loaded.classifier is None:
+        raise UnsupportedModelError(f"model inversion needs gradients; got a {loaded.kind} model")
+    check_fits(loaded, data.y)
+    res = mi_face(
+        loaded.classifier,
+        steps=opts["steps"],
+        tv_weight=opts["tv_weight"],
+        reference=(data.x, data.y),
+        seed=opts["seed"],
+    )
+    summary = res.summary()
+    summary.update(
+        nearest_fraction=res.nearest_fraction,
+        mean_cosine=res.mean_cosine,
+        mean_confidence=res.mean_confidence,
+        classes=res.classes,
+    )
+    target = {"model": loaded.file.to_dict(), "data": data.describe(), "train_data": None}
+    return _write(
+        Path(opts["out"]),
+        inversion_probe_result(res, seed=opts["seed"]),
+        summary,
+        target,
+        opts,
+        started,
+        device,
+    )
+
+
+def run_attribute_audit(**opts: Any) -> dict[str, Any]:
+    """Attribute inference on a tabular model (black-box); result.json holds the advantage."""
+    import torch
+
+    from modelshield.core.oracle import from_classifier
+    from modelshield.core.seeding import make_generator
+    from modelshield.core.threat import QueryAccess
+    from modelshield.privacy.attribute import (
+        fredrikson_attribute_inference,
+        learned_attribute_inference,
+    )
+    from modelshield.scan.probe.privacy_more import attribute_probe_result, candidate_values
+
+    started = time.time()
+    check_seed(opts["seed"])
+    device = select_device(opts["device"])
+    seed_everything(opts["seed"])
+    targets = load_dataset(opts["train_data"], bounds=None, scale="none")
+    aux = load_dataset(opts["data"], bounds=None, scale="none")
+    if targets.x.ndim != 2 or aux.x.ndim != 2:
+        raise DataError(
+            "attribute inference needs tabular data (N, D): --train-data and --data are not"
+        )
+    col = opts["sensitive"]
+    if not 0 <= col < targets.x.shape[1]:
+        raise InvalidConfigError(
+            f"--sensitive must be a column index in [0, {targets.x.shape[1] - 1}], got {col}"
+        )
+    loaded = load_model(
+        opts["model"],
+        trust_pickle=opts["trust_pickle"],
+        arch=opts["arch"],
+        input_shape=tuple(targets.x.shape[1:]),
+        bounds=opts["bounds"],
+        mean=opts["mean"],
+        std=opts["std"],
+        device=device,
+    )
+    oracle = (
+        from_classifier(loaded.classifier, QueryAccess(output="probs"))
+        if loaded.classifier is not None
+        else loaded.oracle
+    )
+    if oracle is None:
+        raise UnsupportedModelError(f"cannot query the model ({loaded.kind})")
+    g = make_generator(opts["seed"])
+    t_idx = torch.randperm(len(targets), generator=g)[: opts["n"]]
+    values = (
+        [float(v) for v in opts["values"]] if opts["values"] else candidate_values(aux.x[:, col])
+    )
+    attack = (
+        fredrikson_attribute_inference
+        if opts["attack"] == "fredrikson"
+        else learned_attribute_inference
+    )
+    res = attack(
+        oracle,
+        targets.x[t_idx],
+        targets.y[t_idx],
+        sensitive=col,
+        values=values,
+        aux_x=aux.x,
+        aux_y=aux.y,
+        seed=opts["seed"],
+    )
+    summary = res.to_dict()
+    for key in ("predicted", "baseline_predicted", "truth", "scores"):
+        value = getattr(res, key)
+        summary[key] = value.tolist() if value is not None else None
+    target = {
+        "model": loaded.file.to_dict(),
+        "data": aux.describe(),
+        "train_data": targets.describe(),
+    }
+    return _write(
+        Path(opts["out"]),
+        attribute_probe_result(res, seed=opts["seed"]),
+        summary,
+        target,
+        opts,
+        started,
+        device,
+    )

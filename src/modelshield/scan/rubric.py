@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-RUBRIC_VERSION = "2026.11-3"
+RUBRIC_VERSION = "2026.11-4"
 
 GRADES = {
     "A": "no practical weakness found at the tested strength",
@@ -82,6 +82,36 @@ def grade_membership(tpr_at_1pct: float) -> tuple[str, str]:
     return "F", f"TPR at 1% FPR {tpr_at_1pct:.3f} > {MEMBERSHIP_THRESHOLDS[-1][1]:.2f}"
 
 
+# Model inversion: share of classes whose inverted representative lies nearest its own
+# class mean (chance: 1/C). It matters most when a class is a person (faces, voices).
+INVERSION_THRESHOLDS = (("A", 0.3), ("B", 0.5), ("C", 0.7), ("D", 0.9))
+# Attribute inference: the attack's accuracy advantage over a baseline without model access.
+ATTRIBUTE_THRESHOLDS = (("A", 0.0), ("B", 0.05), ("C", 0.10), ("D", 0.20))
+
+
+def _grade_at_most(
+    value: float, thresholds: tuple[tuple[str, float], ...], what: str
+) -> tuple[str, str]:
+    for letter, ceiling in thresholds:
+        if value <= ceiling:
+            return letter, f"{what} {value:.3f} <= {ceiling:.2f}"
+    return "F", f"{what} {value:.3f} > {thresholds[-1][1]:.2f}"
+
+
+def grade_inversion(nearest_fraction: float) -> tuple[str, str]:
+    """Grade model inversion by how many class representatives resemble their class."""
+    return _grade_at_most(
+        nearest_fraction, INVERSION_THRESHOLDS, "representatives nearest their class mean"
+    )
+
+
+def grade_attribute(advantage_lower: float) -> tuple[str, str]:
+    """Grade attribute inference by the lower confidence bound of its advantage."""
+    return _grade_at_most(
+        advantage_lower, ATTRIBUTE_THRESHOLDS, "advantage over the no-model baseline (lower bound)"
+    )
+
+
 def rubric_document() -> dict[str, Any]:
     """The rubric as the report embeds it."""
     evasion = "; ".join(f"{g}: r >= {t:.2f}" for g, t in EVASION_THRESHOLDS) + "; F: below"
@@ -94,6 +124,12 @@ def rubric_document() -> dict[str, Any]:
         + f"; capped at D when clean accuracy is below {MIN_CLEAN_ACCURACY:.2f}. "
         "Membership: the attack's TPR at 1% FPR (random guessing: 0.01); "
         + "; ".join(f"{g}: <= {t:.2f}" for g, t in MEMBERSHIP_THRESHOLDS)
+        + "; F: above. Model inversion: share of classes whose representative is nearest its "
+        "own class mean; "
+        + "; ".join(f"{g}: <= {t:.2f}" for g, t in INVERSION_THRESHOLDS)
+        + "; F: above. Attribute inference: lower 95% bound of the accuracy advantage over a "
+        "baseline without model access; "
+        + "; ".join(f"{g}: <= {t:.2f}" for g, t in ATTRIBUTE_THRESHOLDS)
         + "; F: above."
     )
     return {"version": RUBRIC_VERSION, "text": text, "grades": dict(GRADES)}

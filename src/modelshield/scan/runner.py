@@ -47,6 +47,7 @@ class ScanConfig:
     profile: str = "standard"
     norm: str = "linf"
     eps: float | None = None
+    sensitive_feature: int | None = None
     bounds: tuple[float, float] = (0.0, 1.0)
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -136,6 +137,7 @@ def _fingerprint(
         "profile": cfg.profile,
         "norm": cfg.norm,
         "eps": cfg.eps,
+        "sensitive_feature": cfg.sensitive_feature,
         "bounds": list(cfg.bounds),
         "mean": cfg.mean,
         "std": cfg.std,
@@ -183,7 +185,7 @@ def run_scan(cfg: ScanConfig) -> ScanOutcome:
         device=device,
         profile=cfg.profile,
         norm=cfg.norm,
-        options={"bounds": cfg.bounds, "eps": cfg.eps},
+        options={"bounds": cfg.bounds, "eps": cfg.eps, "sensitive_feature": cfg.sensitive_feature},
     )
     names = [n for n in ordered_probe_names() if not cfg.only or n in cfg.only]
     plan: list[tuple[Probe, str | None]] = []

@@ -1,5 +1,5 @@
 """Built-in scan probes (importing this package registers them)."""
 
-from modelshield.scan.probe import evasion, evasion_blackbox, membership, model_file
+from modelshield.scan.probe import evasion, evasion_blackbox, membership, model_file, privacy_more
 
-__all__ = ["evasion", "evasion_blackbox", "membership", "model_file"]
+__all__ = ["evasion", "evasion_blackbox", "membership", "model_file", "privacy_more"]
