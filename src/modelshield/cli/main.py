@@ -70,7 +70,7 @@ def _echo_results(results: list[Any]) -> None:
     for r in results:
         value = r.figure.get("value")
         fig = f"{r.figure.get('name')}: {value:.3g}" if isinstance(value, (int, float)) else ""
-        state = r.grade if r.status == "ok" else r.status
+        state = (r.grade or "info") if r.status == "ok" else r.status
         click.echo(f"{r.probe:<20} {state!s:<8} {fig or r.reason}")
 
 
