@@ -12,7 +12,7 @@ from modelshield.core.data import load_dataset
 from modelshield.core.device import select_device
 from modelshield.core.errors import DataError, InvalidConfigError, UnsupportedModelError
 from modelshield.core.io import atomic_write_json
-from modelshield.core.loading import check_fits, load_model
+from modelshield.core.loading import LoadedModel, check_fits, load_model
 from modelshield.core.seeding import check_seed, seed_everything
 from modelshield.exec import make_executor
 from modelshield.privacy.audit import AuditConfig, audit_membership, default_spec
@@ -22,24 +22,35 @@ from modelshield.scan.probe.membership import membership_probe_result
 from modelshield.scan.rubric import rubric_document
 
 
-def run_membership_audit(**opts: Any) -> dict[str, Any]:
-    """Load, audit, write ``result.json`` (``auc``, ``tpr_at_fpr``) and the reports."""
+def _prepare(opts: dict[str, Any]) -> tuple[float, Any]:
+    """Check the seed, pick the device, seed everything; returns (start time, device)."""
     started = time.time()
     check_seed(opts["seed"])
     device = select_device(opts["device"])
     seed_everything(opts["seed"])
-    members = load_dataset(opts["train_data"], bounds=opts["bounds"])
-    nonmembers = load_dataset(opts["data"], bounds=opts["bounds"])
-    loaded = load_model(
+    return started, device
+
+
+def _load(opts: dict[str, Any], input_shape: tuple[int, ...], device: Any) -> LoadedModel:
+    """The model named by the shared model options, for inputs of ``input_shape``."""
+    return load_model(
         opts["model"],
         trust_pickle=opts["trust_pickle"],
         arch=opts["arch"],
-        input_shape=tuple(members.x.shape[1:]),
+        input_shape=input_shape,
         bounds=opts["bounds"],
         mean=opts["mean"],
         std=opts["std"],
         device=device,
     )
+
+
+def run_membership_audit(**opts: Any) -> dict[str, Any]:
+    """Load, audit, write ``result.json`` (``auc``, ``tpr_at_fpr``) and the reports."""
+    started, device = _prepare(opts)
+    members = load_dataset(opts["train_data"], bounds=opts["bounds"])
+    nonmembers = load_dataset(opts["data"], bounds=opts["bounds"])
+    loaded = _load(opts, tuple(members.x.shape[1:]), device)
     if loaded.classifier is None:
         raise UnsupportedModelError(
             f"audit membership needs a torch model; got a {loaded.kind} model"
@@ -143,21 +154,9 @@ def run_inversion_audit(**opts: Any) -> dict[str, Any]:
     from modelshield.privacy.inversion import mi_face
     from modelshield.scan.probe.privacy_more import inversion_probe_result
 
-    started = time.time()
-    check_seed(opts["seed"])
-    device = select_device(opts["device"])
-    seed_everything(opts["seed"])
+    started, device = _prepare(opts)
     data = load_dataset(opts["data"], bounds=opts["bounds"])
-    loaded = load_model(
-        opts["model"],
-        trust_pickle=opts["trust_pickle"],
-        arch=opts["arch"],
-        input_shape=tuple(data.x.shape[1:]),
-        bounds=opts["bounds"],
-        mean=opts["mean"],
-        std=opts["std"],
-        device=device,
-    )
+    loaded = _load(opts, tuple(data.x.shape[1:]), device)
     if loaded.classifier is None:
         raise UnsupportedModelError(f"model inversion needs gradients; got a {loaded.kind} model")
     check_fits(loaded, data.y)
@@ -200,10 +199,7 @@ def run_attribute_audit(**opts: Any) -> dict[str, Any]:
     )
     from modelshield.scan.probe.privacy_more import attribute_probe_result, candidate_values
 
-    started = time.time()
-    check_seed(opts["seed"])
-    device = select_device(opts["device"])
-    seed_everything(opts["seed"])
+    started, device = _prepare(opts)
     targets = load_dataset(opts["train_data"], bounds=None, scale="none")
     aux = load_dataset(opts["data"], bounds=None, scale="none")
     if targets.x.ndim != 2 or aux.x.ndim != 2:
@@ -215,16 +211,7 @@ def run_attribute_audit(**opts: Any) -> dict[str, Any]:
         raise InvalidConfigError(
             f"--sensitive must be a column index in [0, {targets.x.shape[1] - 1}], got {col}"
         )
-    loaded = load_model(
-        opts["model"],
-        trust_pickle=opts["trust_pickle"],
-        arch=opts["arch"],
-        input_shape=tuple(targets.x.shape[1:]),
-        bounds=opts["bounds"],
-        mean=opts["mean"],
-        std=opts["std"],
-        device=device,
-    )
+    loaded = _load(opts, tuple(targets.x.shape[1:]), device)
     oracle = (
         from_classifier(loaded.classifier, QueryAccess(output="probs"))
         if loaded.classifier is not None
