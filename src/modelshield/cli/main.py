@@ -173,6 +173,18 @@ def cli(verbose: int, quiet: bool, debug: bool, threads: int | None) -> None:
 
 @cli.command("scan")
 @click.option(
+    "--oracle",
+    "oracle",
+    help="Scan an HTTP prediction endpoint instead of a model file (black-box probes only).",
+)
+@click.option(
+    "--oracle-output",
+    type=click.Choice(["logits", "probs", "label"]),
+    default="probs",
+    show_default=True,
+    help="What the endpoint returns.",
+)
+@click.option(
     "--model",
     "model",
     type=click.Path(dir_okay=False),
@@ -247,11 +259,13 @@ def scan_cmd(**opts: Any) -> None:
 
         model, train, test = prepare_demo(Path(opts["out"]) / "demo-inputs", seed=opts["seed"])
         opts.update(model=str(model), data=str(test), train_data=str(train))
-    elif not opts["model"] and not opts["data"]:
-        raise click.UsageError("give --model and --data, or --demo")
+    elif not opts["model"] and not opts["oracle"] and not opts["data"]:
+        raise click.UsageError("give --model (or --oracle) and --data, or --demo")
     _parse_model_opts(opts)
     cfg = ScanConfig(
         model=opts["model"],
+        oracle=opts["oracle"],
+        oracle_output=opts["oracle_output"],
         data=opts["data"],
         train_data=opts["train_data"],
         out=opts["out"],

@@ -22,7 +22,7 @@ from modelshield.core.errors import DataError, InvalidConfigError, ModelShieldEr
 from modelshield.core.loading import LoadedModel, check_fits, load_model
 from modelshield.core.results import ProbeResult
 from modelshield.core.seeding import check_seed, seed_everything
-from modelshield.core.threat import NORMS, LpThreat, check_bounds
+from modelshield.core.threat import NORMS, LpThreat, QueryAccess, check_bounds
 from modelshield.report import build_report, write_reports
 from modelshield.scan.context import PROFILES, ScanContext
 from modelshield.scan.probes import PROBES, Probe, ordered_probe_names
@@ -37,6 +37,9 @@ class ScanConfig:
     """Everything a scan is given; the CLI fills it from its flags."""
 
     model: str | None = None
+    oracle: str | None = None
+    """URL of an HTTP prediction endpoint to scan black-box (JSON ``inputs`` → ``outputs``)."""
+    oracle_output: str = "probs"
     data: str | None = None
     train_data: str | None = None
     out: str = "modelshield-scan"
@@ -169,16 +172,35 @@ def _run_probe(probe: Probe, ctx: ScanContext) -> ProbeResult:
 def run_scan(cfg: ScanConfig) -> ScanOutcome:
     """Run (or resume) a scan and write its reports; returns where they are."""
     cfg.validate()
-    if not (cfg.model or cfg.data or cfg.train_data):
-        raise InvalidConfigError("nothing to scan: give --model and --data (or use --demo)")
+    if not (cfg.model or cfg.oracle or cfg.data or cfg.train_data):
+        raise InvalidConfigError(
+            "nothing to scan: give --model (or --oracle) and --data, or use --demo"
+        )
     started = time.time()
     device = select_device(cfg.device)
     seed_everything(cfg.seed)
     model, data, train = _load_inputs(cfg, device)
-    run_dir = RunDir(cfg.out, _fingerprint(cfg, model, data, train), fresh=cfg.fresh)
+    oracle = None
+    if cfg.oracle:
+        if model is not None:
+            raise InvalidConfigError("give --model or --oracle, not both")
+        if data is None:
+            raise InvalidConfigError("--oracle needs --data (the inputs to query it with)")
+        from modelshield.core.oracles.http import HttpOracle
+
+        oracle = HttpOracle(
+            cfg.oracle,
+            QueryAccess(output="label" if cfg.oracle_output == "label" else cfg.oracle_output),  # type: ignore[arg-type]
+            raw_output=cfg.oracle_output,
+            input_shape=tuple(data.x.shape[1:]),
+        )
+    fingerprint = _fingerprint(cfg, model, data, train)
+    fingerprint["oracle"] = cfg.oracle
+    run_dir = RunDir(cfg.out, fingerprint, fresh=cfg.fresh)
     ctx = ScanContext(
         run_dir=run_dir,
         model=model,
+        oracle=oracle,
         data=data,
         train_data=train,
         seed=cfg.seed,
@@ -225,8 +247,16 @@ def run_scan(cfg: ScanConfig) -> ScanOutcome:
             "resumed_probes": reused,
         },
         target={
-            "model": model.file.to_dict() if model is not None else None,
-            "data": _describe(data),
+            "model": (
+                model.file.to_dict()
+                if model is not None
+                else {
+                    "path": cfg.oracle,
+                    "sha256": None,
+                    "format": "http-endpoint" if cfg.oracle else None,
+                }
+            ),
+            "data": _describe(data) or {"path": None, "sha256": None, "format": None},
             "train_data": _describe(train),
         },
         rubric=rubric_document(),
