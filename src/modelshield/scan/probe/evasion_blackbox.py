@@ -54,7 +54,7 @@ class BlackBoxEvasionProbe(Probe):
                 "a white-box model is available; the white-box probe measures the stronger attacker"
             )
         if _oracle(ctx) is None:
-            return "no black-box model given (--model with an ONNX or scikit-learn file)"
+            return "no black-box model given (--oracle URL, or --model with an ONNX or scikit-learn file)"
         if ctx.data is None:
             return "no test data given (--data)"
         if ctx.norm not in ("linf", "l2"):
