@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from modelshield.privacy.shadow import ShadowSpec
 from modelshield.report import build_report, write_reports
 from modelshield.scan.probe.membership import membership_probe_result
 from modelshield.scan.rubric import rubric_document
+from modelshield.scan.rundir import run_record
 
 
 def _prepare(opts: dict[str, Any]) -> tuple[float, Any]:
@@ -87,32 +86,12 @@ def run_membership_audit(**opts: Any) -> dict[str, Any]:
         labels=res.labels.tolist() if res.labels is not None else None,
         executor=opts["executor"],
     )
-    result_path = out / "result.json"
-    atomic_write_json(result_path, summary)
-    report = build_report(
-        probes=[probe],
-        run={
-            "id": uuid.uuid4().hex[:12],
-            "command": opts["command"],
-            "seed": opts["seed"],
-            "device": str(device),
-            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-            "finished": datetime.now(timezone.utc).isoformat(),
-        },
-        target={
-            "model": loaded.file.to_dict(),
-            "data": nonmembers.describe(),
-            "train_data": members.describe(),
-        },
-        rubric=rubric_document(),
-    )
-    paths = write_reports(report, out)
-    summary["paths"] = {
-        "result": str(result_path),
-        "html": str(paths["html"]),
-        "json": str(paths["json"]),
+    target = {
+        "model": loaded.file.to_dict(),
+        "data": nonmembers.describe(),
+        "train_data": members.describe(),
     }
-    return summary
+    return _write(out, probe, summary, target, opts, started, device)
 
 
 def _write(
@@ -129,14 +108,7 @@ def _write(
     atomic_write_json(result_path, summary)
     report = build_report(
         probes=[probe],
-        run={
-            "id": uuid.uuid4().hex[:12],
-            "command": opts["command"],
-            "seed": opts["seed"],
-            "device": str(device),
-            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-            "finished": datetime.now(timezone.utc).isoformat(),
-        },
+        run=run_record(opts["command"], opts["seed"], device, started),
         target=target,
         rubric=rubric_document(),
     )

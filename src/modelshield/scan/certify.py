@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from modelshield.core.seeding import check_seed, make_generator, seed_everything
 from modelshield.defenses.smoothing import SmoothedClassifier
 from modelshield.report import build_report, write_reports
 from modelshield.scan.rubric import REFERENCE_EPS, grade_evasion, rubric_document
-from modelshield.scan.rundir import RunDir
+from modelshield.scan.rundir import RunDir, run_record
 
 logger = logging.getLogger(__name__)
 
@@ -209,14 +207,7 @@ def certify_model(cfg: CertifyConfig) -> CertifyOutcome:
     )
     report = build_report(
         probes=[probe],
-        run={
-            "id": uuid.uuid4().hex[:12],
-            "command": cfg.command,
-            "seed": cfg.seed,
-            "device": str(device),
-            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-            "finished": datetime.now(timezone.utc).isoformat(),
-        },
+        run=run_record(cfg.command, cfg.seed, device, started),
         target={"model": loaded.file.to_dict(), "data": data.describe(), "train_data": None},
         rubric=rubric_document(),
     )

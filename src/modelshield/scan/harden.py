@@ -12,9 +12,7 @@ import copy
 import logging
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,7 @@ from modelshield.scan.context import PROFILES, ScanContext
 from modelshield.scan.probe.evasion import WhiteBoxEvasionProbe
 from modelshield.scan.probe.model_file import ModelFileProbe
 from modelshield.scan.rubric import grade_evasion, rubric_document
-from modelshield.scan.rundir import RunDir
+from modelshield.scan.rundir import RunDir, run_record
 
 logger = logging.getLogger(__name__)
 
@@ -253,15 +251,7 @@ def harden_adversarial(cfg: HardenConfig) -> HardenOutcome:
     results = [summary, before, after, file_probe]
     report = build_report(
         probes=results,
-        run={
-            "id": uuid.uuid4().hex[:12],
-            "command": cfg.command,
-            "seed": cfg.seed,
-            "device": str(device),
-            "profile": cfg.profile,
-            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-            "finished": datetime.now(timezone.utc).isoformat(),
-        },
+        run=run_record(cfg.command, cfg.seed, device, started, profile=cfg.profile),
         target={
             "model": hardened.file.to_dict(),
             "data": test.describe(),

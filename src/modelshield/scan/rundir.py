@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import uuid
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +105,18 @@ class RunDir:
         data = compute()
         atomic_write_json(path, data)
         return data
+
+
+def run_record(
+    command: str, seed: int, device: Any, started: float, **extra: Any
+) -> dict[str, Any]:
+    """The report's ``run`` block: id, command, seed, device, start and finish times (UTC)."""
+    return {
+        "id": uuid.uuid4().hex[:12],
+        "command": command,
+        "seed": seed,
+        "device": str(device),
+        **extra,
+        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "finished": datetime.now(timezone.utc).isoformat(),
+    }

@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from modelshield.report import build_report, write_reports
 from modelshield.scan.context import PROFILES, ScanContext
 from modelshield.scan.probes import PROBES, Probe, ordered_probe_names
 from modelshield.scan.rubric import rubric_document
-from modelshield.scan.rundir import RunDir
+from modelshield.scan.rundir import RunDir, run_record
 
 logger = logging.getLogger(__name__)
 
@@ -233,19 +231,11 @@ def run_scan(cfg: ScanConfig) -> ScanOutcome:
         if result.status == "ok":
             run_dir.save(result)
         results.append(result)
-    finished = time.time()
     report = build_report(
         probes=results,
-        run={
-            "id": uuid.uuid4().hex[:12],
-            "command": cfg.command,
-            "seed": cfg.seed,
-            "device": str(device),
-            "profile": cfg.profile,
-            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-            "finished": datetime.fromtimestamp(finished, timezone.utc).isoformat(),
-            "resumed_probes": reused,
-        },
+        run=run_record(
+            cfg.command, cfg.seed, device, started, profile=cfg.profile, resumed_probes=reused
+        ),
         target={
             "model": (
                 model.file.to_dict()
