@@ -52,6 +52,12 @@ def small_cnn(input_shape: Sequence[int], num_classes: int, width: int = 32) -> 
     )
 
 
+@ARCHITECTURES.register("cnn")
+def cnn(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The default image CNN: :func:`small_cnn` (no BatchNorm, so DP-SGD needs no fixes)."""
+    return small_cnn(input_shape, num_classes)
+
+
 def build(name: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     """Build a registered architecture by name."""
     return ARCHITECTURES.get(name)(input_shape=tuple(input_shape), num_classes=num_classes)

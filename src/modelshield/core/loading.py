@@ -368,6 +368,12 @@ def _build_arch(
     return net
 
 
+def build_arch(arch: str, *, input_shape: Sequence[int] | None, num_classes: int) -> nn.Module:
+    """A fresh module for ``arch``: a built-in name (``modelshield list architectures``) or
+    ``package.module:factory`` (called with no arguments)."""
+    return _build_arch(arch, input_shape=input_shape, num_classes=num_classes, sd={})
+
+
 def _fit_state_dict(
     net: nn.Module, sd: Mapping[str, torch.Tensor], path: Path, arch: str, notes: list[str]
 ) -> None:

@@ -282,3 +282,39 @@ def _roc_points(fpr: torch.Tensor, max_points: int) -> torch.Tensor:
     log_idx = (torch.searchsorted(fpr, grid, right=True) - 1).clamp(0, n - 1)
     idx = torch.unique(torch.cat([lin, log_idx, torch.tensor([0, n - 1])]))
     return idx[:max_points] if idx.numel() > max_points else idx
+
+
+@dataclass
+class DPAuditResult(Result):
+    """An empirical lower bound on a training procedure's epsilon, against its claim.
+
+    ``eps_lower`` holds with probability ``confidence`` whatever the training does
+    (Jagielski et al. 2020; Steinke, Nasr & Jagielski 2023); ``ci`` is that one-sided
+    interval ``[eps_lower, inf]``. ``eps_claimed`` is ``None`` for a non-private
+    procedure. ``broken`` is true when the bound exceeds the claim: the implementation
+    does not deliver the epsilon it reports. ``scores``/``labels`` are the distinguisher's
+    scores for each canary (one-run) or each training run (canaries), ``labels`` true where
+    the canary was included.
+    """
+
+    result_type: ClassVar[str] = "dp_audit"
+
+    method: str = ""
+    eps_lower: float = 0.0
+    eps_claimed: float | None = None
+    delta: float = 0.0
+    confidence: float = 0.95
+    ci: list[float] = field(default_factory=list)
+    broken: bool = False
+    canaries: int = 0
+    runs: int = 0
+    canary_type: str = ""
+    bound: dict[str, Any] = field(default_factory=dict)
+    scores: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def margin(self) -> float | None:
+        """``eps_claimed - eps_lower``: how far below the claim the evidence sits."""
+        return None if self.eps_claimed is None else self.eps_claimed - self.eps_lower
