@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import click
 
 from modelshield import __version__
+from modelshield.cli.dp import audit_dp_cmd, train_cmd
 from modelshield.core.errors import ModelShieldError
 
 logger = logging.getLogger("modelshield")
@@ -652,6 +653,10 @@ def audit_attribute_cmd(**opts: Any) -> None:
     )
     click.echo(f"result: {summary['paths']['result']}")
     click.echo(f"report: {summary['paths']['html']}")
+
+
+cli.add_command(train_cmd)
+audit_group.add_command(audit_dp_cmd)
 
 
 @cli.command("list")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-RUBRIC_VERSION = "2026.11-4"
+RUBRIC_VERSION = "2026.11-5"
 
 GRADES = {
     "A": "no practical weakness found at the tested strength",
@@ -112,6 +112,27 @@ def grade_attribute(advantage_lower: float) -> tuple[str, str]:
     )
 
 
+# Differential privacy: the claimed epsilon of a DP-SGD model (delta <= 1e-5 assumed), and
+# the audit's empirical lower bound. An audit bound above the claim is a broken DP
+# implementation (F) whatever the numbers.
+DP_CLAIM_THRESHOLDS = (("A", 1.0), ("B", 3.0), ("C", 8.0), ("D", 16.0))
+DP_AUDIT_THRESHOLDS = (("A", 0.5), ("B", 1.0), ("C", 2.0), ("D", 4.0))
+
+
+def grade_dp_claim(epsilon: float | None) -> tuple[str, str]:
+    """Grade a DP training by the epsilon its ledger claims (``None``: not private, F)."""
+    if epsilon is None:
+        return "F", "trained without differential privacy"
+    return _grade_at_most(epsilon, DP_CLAIM_THRESHOLDS, "claimed epsilon")
+
+
+def grade_dp_audit(eps_lower: float, eps_claimed: float | None) -> tuple[str, str]:
+    """Grade a DP audit: F when the lower bound exceeds the claim, else by the bound itself."""
+    if eps_claimed is not None and eps_lower > eps_claimed:
+        return "F", f"epsilon lower bound {eps_lower:.3f} > claimed {eps_claimed:.3f} (broken DP)"
+    return _grade_at_most(eps_lower, DP_AUDIT_THRESHOLDS, "empirical epsilon lower bound")
+
+
 def rubric_document() -> dict[str, Any]:
     """The rubric as the report embeds it."""
     evasion = "; ".join(f"{g}: r >= {t:.2f}" for g, t in EVASION_THRESHOLDS) + "; F: below"
@@ -130,6 +151,11 @@ def rubric_document() -> dict[str, Any]:
         + "; F: above. Attribute inference: lower 95% bound of the accuracy advantage over a "
         "baseline without model access; "
         + "; ".join(f"{g}: <= {t:.2f}" for g, t in ATTRIBUTE_THRESHOLDS)
+        + "; F: above. DP training: the claimed epsilon; "
+        + "; ".join(f"{g}: <= {t:g}" for g, t in DP_CLAIM_THRESHOLDS)
+        + "; F: above or no DP. DP audit: F when the empirical epsilon lower bound exceeds the "
+        "claim (a broken implementation), else by the bound; "
+        + "; ".join(f"{g}: <= {t:g}" for g, t in DP_AUDIT_THRESHOLDS)
         + "; F: above."
     )
     return {"version": RUBRIC_VERSION, "text": text, "grades": dict(GRADES)}
