@@ -48,6 +48,15 @@ def test_train_dp_writes_model_ledger_and_report(tmp_path: Path, bundle: Bundle)
     validate_report(report)
     probe = report["probes"][0]
     assert probe["probe"] == "dp-training" and "insecure-rng" in probe["flags"]
+    # a scan of the model finds the ledger beside it and checks it belongs to this file
+    r = run_cli(
+        "scan", "--model", str(out / "model.pt2"), "--data", str(bundle.data),
+        "--only", "dp-claim", "--out", str(tmp_path / "scan"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    claim = json.loads((tmp_path / "scan" / "report.json").read_text())["probes"][0]
+    assert claim["probe"] == "dp-claim" and claim["grade"] in "AB"
+    assert claim["details"]["model_sha256_matches"] is True
 
 
 def test_train_dp_reports_the_batchnorm_fix(tmp_path: Path, bundle: Bundle) -> None:

@@ -238,6 +238,11 @@ def cli(verbose: int, quiet: bool, debug: bool, threads: int | None) -> None:
 )
 @click.option("--label-column", help="CSV label column (default: 'label', else the last column).")
 @click.option(
+    "--dp-ledger",
+    type=click.Path(dir_okay=False),
+    help="Privacy ledger of the model (default: ledger.json beside the model, if present).",
+)
+@click.option(
     "--only", multiple=True, help="Run only this probe (repeatable); see 'modelshield list probes'."
 )
 @click.option("--fresh", is_flag=True, help="Discard finished probes in --out and start over.")
@@ -277,6 +282,7 @@ def scan_cmd(**opts: Any) -> None:
         profile=opts["profile"] or ("quick" if opts["demo"] else "standard"),
         eps=opts["eps"],
         sensitive_feature=opts["sensitive_feature"],
+        dp_ledger=opts["dp_ledger"],
         norm=opts["norm"],
         bounds=opts["bounds"],
         mean=opts["mean"],

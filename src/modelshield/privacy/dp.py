@@ -21,7 +21,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from modelshield import __version__
 from modelshield.core.errors import (
+    DataError,
     InvalidConfigError,
     PrivacyBudgetExceeded,
     UnsupportedModelError,
@@ -172,6 +173,8 @@ class PrivacyLedger:
     opacus_version: str = ""
     modelshield_version: str = __version__
     ledger_version: int = LEDGER_VERSION
+    model_sha256: str | None = None
+    """SHA-256 of the model file the ledger was written for (set by ``modelshield train``)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -180,6 +183,33 @@ class PrivacyLedger:
             if isinstance(v, float) and math.isinf(v):
                 d[k] = "inf"
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PrivacyLedger:
+        """Read a ledger back (e.g. ``json.load`` of ``ledger.json``), checking its fields."""
+        names = {f.name: f for f in fields(cls)}
+        required = [
+            n for n, f in names.items() if f.default is MISSING and f.default_factory is MISSING
+        ]
+        missing = [n for n in required if n not in d]
+        if missing:
+            raise DataError(f"privacy ledger lacks {', '.join(missing)}")
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("epsilon", "budget", "target_epsilon"):
+            if kw.get(k) == "inf":
+                kw[k] = math.inf
+        try:
+            led = cls(**kw)
+            q, sigma, steps, delta = (
+                float(led.sample_rate),
+                float(led.noise_multiplier),
+                int(led.steps),
+                float(led.delta),
+            )
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"privacy ledger has a malformed field: {exc}") from exc
+        check_dp_parameters(sample_rate=q, noise_multiplier=sigma, steps=steps, delta=delta)
+        return led
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the ledger as JSON (atomically); returns the path."""

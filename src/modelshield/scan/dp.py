@@ -282,6 +282,8 @@ def run_training(**opts: Any) -> dict[str, Any]:
         else {"path": None, "sha256": None, "format": None},
         "train_data": train.describe(),
     }
+    if ledger is not None:
+        ledger.model_sha256 = target["model"]["sha256"]
     report = _build(probe, target, opts, started, device)  # validated before any file is written
     paths = _write_blobs(out, blobs)
     if ledger is not None:

@@ -17,6 +17,7 @@ from modelshield import __version__
 from modelshield.core.data import Dataset, load_dataset
 from modelshield.core.device import select_device
 from modelshield.core.errors import DataError, InvalidConfigError, ModelShieldError
+from modelshield.core.io import sha256_file
 from modelshield.core.loading import LoadedModel, check_fits, load_model
 from modelshield.core.results import ProbeResult
 from modelshield.core.seeding import check_seed, seed_everything
@@ -49,6 +50,8 @@ class ScanConfig:
     norm: str = "linf"
     eps: float | None = None
     sensitive_feature: int | None = None
+    dp_ledger: str | None = None
+    """Privacy ledger of the model (default: ``ledger.json`` beside the model file, if any)."""
     bounds: tuple[float, float] = (0.0, 1.0)
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -167,6 +170,20 @@ def _run_probe(probe: Probe, ctx: ScanContext) -> ProbeResult:
     )
 
 
+def _ledger_path(cfg: ScanConfig) -> Path | None:
+    """The privacy ledger to check: ``--dp-ledger``, else ``ledger.json`` beside the model."""
+    if cfg.dp_ledger:
+        path = Path(cfg.dp_ledger)
+        if not path.is_file():
+            raise DataError(f"--dp-ledger {cfg.dp_ledger}: no such file")
+        return path
+    if cfg.model:
+        beside = Path(cfg.model).parent / "ledger.json"
+        if beside.is_file():
+            return beside
+    return None
+
+
 def run_scan(cfg: ScanConfig) -> ScanOutcome:
     """Run (or resume) a scan and write its reports; returns where they are."""
     cfg.validate()
@@ -194,6 +211,8 @@ def run_scan(cfg: ScanConfig) -> ScanOutcome:
         )
     fingerprint = _fingerprint(cfg, model, data, train)
     fingerprint["oracle"] = cfg.oracle
+    ledger = _ledger_path(cfg)
+    fingerprint["dp_ledger_sha256"] = sha256_file(ledger) if ledger is not None else None
     run_dir = RunDir(cfg.out, fingerprint, fresh=cfg.fresh)
     ctx = ScanContext(
         run_dir=run_dir,
@@ -205,7 +224,12 @@ def run_scan(cfg: ScanConfig) -> ScanOutcome:
         device=device,
         profile=cfg.profile,
         norm=cfg.norm,
-        options={"bounds": cfg.bounds, "eps": cfg.eps, "sensitive_feature": cfg.sensitive_feature},
+        options={
+            "bounds": cfg.bounds,
+            "eps": cfg.eps,
+            "sensitive_feature": cfg.sensitive_feature,
+            "dp_ledger": ledger,
+        },
     )
     names = [n for n in ordered_probe_names() if not cfg.only or n in cfg.only]
     plan: list[tuple[Probe, str | None]] = []
