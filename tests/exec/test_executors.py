@@ -131,3 +131,22 @@ def test_local_and_ray_reference_models_identical(ray_ex: Executor) -> None:
     lb = remote.logits(d.x, executor=ray_ex, min_parallel=0)  # logits computed on Ray too
     assert la.shape == (4, len(d.x), 10)
     assert torch.equal(la, lb)
+
+
+@pytest.mark.network
+def test_dp_canary_audit_runs_on_ray_with_the_same_scores(ray_ex: Executor) -> None:
+    from modelshield.core.data import load_dataset
+    from modelshield.privacy.dp import DPConfig
+    from modelshield.privacy.dp_audit import AuditTraining, audit_canaries
+
+    d = load_dataset("digits").subset(list(range(200)))
+    trainer = AuditTraining(
+        arch="mlp",
+        input_shape=d.input_shape,
+        num_classes=d.num_classes,
+        dp=DPConfig(noise_multiplier=1.0, epochs=2, batch_size=40, mode="hooks"),
+    )
+    local = audit_canaries(trainer, d, runs=4, seed=1, executor=LocalExecutor())
+    remote = audit_canaries(trainer, d, runs=4, seed=1, executor=ray_ex)
+    assert torch.equal(local.scores, remote.scores)
+    assert remote.eps_claimed == local.eps_claimed and remote.eps_lower == local.eps_lower

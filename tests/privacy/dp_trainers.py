@@ -20,7 +20,7 @@ from modelshield.privacy.accounting import compute_epsilon
 # (epochs, expected batch, lr, noise multiplier): one run with hundreds of canaries;
 # many runs on 60 examples
 ONE_RUN = (80, 50, 4.0, 12.0)
-MANY_RUNS = (40, 20, 1.0, 20.0)
+MANY_RUNS = (30, 20, 1.0, 20.0)
 Setting = tuple[int, int, float, float]
 
 

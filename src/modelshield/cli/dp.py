@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from modelshield.cli.options import executor_options
+
 
 def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """What to train and how (shared by ``train`` and ``audit dp``)."""
@@ -198,15 +200,7 @@ def train_cmd(**opts: Any) -> None:
     help="Audit your own training code: package.module:function taking (x, y, seed), returning the model.",
 )
 @click.option("--claimed-epsilon", type=float, help="The epsilon your --trainer claims.")
-@click.option(
-    "--executor",
-    type=click.Choice(["local", "ray"]),
-    default="local",
-    show_default=True,
-    help="Where the canaries audit's training runs go.",
-)
-@click.option("--ray-address", help="Connect to this Ray cluster (default: start a local one).")
-@click.option("--workers", type=click.IntRange(min=1), help="Ray workers for a local Ray.")
+@executor_options("the canaries audit's training runs go")
 @click.option(
     "--out",
     "out",

@@ -17,6 +17,7 @@ import click
 
 from modelshield import __version__
 from modelshield.cli.dp import audit_dp_cmd, train_cmd
+from modelshield.cli.options import executor_options
 from modelshield.core.errors import ModelShieldError
 
 logger = logging.getLogger("modelshield")
@@ -547,15 +548,7 @@ def audit_group() -> None:
     show_default=True,
     help="Members (and as many non-members) audited.",
 )
-@click.option(
-    "--executor",
-    type=click.Choice(["local", "ray"]),
-    default="local",
-    show_default=True,
-    help="Where reference models train.",
-)
-@click.option("--ray-address", help="Connect to this Ray cluster (default: start a local one).")
-@click.option("--workers", type=click.IntRange(min=1), help="Ray workers for a local Ray.")
+@executor_options("reference models train")
 @click.option(
     "--out",
     "out",

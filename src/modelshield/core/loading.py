@@ -314,6 +314,26 @@ def _infer_num_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
     return last
 
 
+def import_object(spec: str, what: str, form: str = "package.module:name") -> Any:
+    """The callable named ``package.module:attr`` (``what`` names the option in errors)."""
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise InvalidConfigError(f"{what} must look like {form}, got {spec!r}")
+    try:
+        target: Any = importlib.import_module(mod_name)
+    except Exception as exc:
+        raise InvalidConfigError(
+            f"{what} {spec!r}: cannot import {mod_name!r} ({type(exc).__name__}: {_one_line(exc)})"
+        ) from exc
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise InvalidConfigError(f"{what} {spec!r}: {mod_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise InvalidConfigError(f"{what} {spec!r}: {attr!r} is not callable")
+    return target
+
+
 def _build_arch(
     arch: str,
     *,
@@ -323,22 +343,8 @@ def _build_arch(
 ) -> nn.Module:
     """Build the module ``arch`` names: ``package.module:factory`` or a registered name."""
     if ":" in arch:
-        mod_name, _, attr = arch.partition(":")
-        if not mod_name or not attr:
-            raise InvalidConfigError(f"arch must look like package.module:factory, got {arch!r}")
-        try:
-            target: Any = importlib.import_module(mod_name)
-        except Exception as exc:
-            raise InvalidConfigError(
-                f"arch {arch!r}: cannot import {mod_name!r} ({type(exc).__name__}: "
-                f"{_one_line(exc)})"
-            ) from exc
-        for part in attr.split("."):
-            if not hasattr(target, part):
-                raise InvalidConfigError(f"arch {arch!r}: {mod_name!r} has no attribute {attr!r}")
-            target = getattr(target, part)
-        if not callable(target):
-            raise InvalidConfigError(f"arch {arch!r}: {attr!r} is not callable")
+        target = import_object(arch, "arch", "package.module:factory")
+        attr = arch.partition(":")[2]
         try:
             net = target()
         except Exception as exc:

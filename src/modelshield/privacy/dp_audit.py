@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib
 import json
 import logging
 import math
@@ -142,22 +141,9 @@ def _quiet(name: str) -> Iterator[None]:
 
 def resolve_trainer(spec: str) -> TrainFn:
     """Import ``package.module:function``, a training procedure ``(x, y, seed) -> module``."""
-    mod_name, _, attr = spec.partition(":")
-    if not mod_name or not attr:
-        raise InvalidConfigError(f"trainer must look like package.module:function, got {spec!r}")
-    try:
-        target: Any = importlib.import_module(mod_name)
-    except Exception as exc:
-        raise InvalidConfigError(
-            f"trainer {spec!r}: cannot import {mod_name!r} ({type(exc).__name__}: {exc})"
-        ) from exc
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise InvalidConfigError(f"trainer {spec!r}: {mod_name!r} has no attribute {attr!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise InvalidConfigError(f"trainer {spec!r}: {attr!r} is not callable")
-    return target  # type: ignore[no-any-return]
+    from modelshield.core.loading import import_object
+
+    return import_object(spec, "trainer", "package.module:function")  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -334,7 +320,6 @@ def _canary_run(
     job: _Job, *, trainer: TrainFn, base: Dataset, canary: Canaries, device: str
 ) -> float:
     """Train once (with or without the canary) and score the canary. A top-level function."""
-    torch.set_num_threads(1)
     x, y = base.x, base.y
     if job.include:
         x, y = torch.cat([x, canary.x]), torch.cat([y, canary.y])
