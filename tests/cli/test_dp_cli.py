@@ -90,7 +90,8 @@ def test_train_refuses_a_budget_it_would_exceed_and_writes_nothing(
 def test_train_option_errors_are_one_line(tmp_path: Path, bundle: Bundle) -> None:
     cases = [
         (["--dp"], "--dp needs --epsilon"),
-        (["--epsilon", "1"], "--epsilon needs --dp"),
+        (["--no-dp", "--epsilon", "1"], "--epsilon contradicts --no-dp"),
+        (["--max-epsilon", "1"], "--max-epsilon needs --epsilon"),
         (["--dp", "--epsilon", "-1"], "epsilon must be a positive number"),
         (["--dp", "--epsilon", "1", "--delta", "2"], "delta must be in (0, 1)"),
     ]
@@ -150,7 +151,7 @@ def test_audit_dp_non_private_and_canaries(tmp_path: Path) -> None:
     plain = json.loads((tmp_path / "plain" / "result.json").read_text())
     assert plain["eps_claimed"] is None and plain["eps_lower"] > 0.5 and not plain["broken"]
     r = run_cli(
-        "audit", "dp", "--method", "canaries", "--dp", "--epsilon", "1", "--train-data", str(data),
+        "audit", "dp", "--method", "canaries", "--epsilon", "1", "--train-data", str(data),
         "--runs", "6", "--epochs", "2", "--batch-size", "20", "--out", str(tmp_path / "many"),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr

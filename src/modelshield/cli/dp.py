@@ -35,7 +35,11 @@ def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             type=float,
             help="Learning rate (default: 0.1 for DP-SGD, 1e-3 for Adam without DP).",
         ),
-        click.option("--dp/--no-dp", default=False, help="Train with DP-SGD (Opacus)."),
+        click.option(
+            "--dp/--no-dp",
+            default=None,
+            help="Train with DP-SGD (Opacus); implied by --epsilon or --noise-multiplier.",
+        ),
         click.option(
             "--epsilon", type=float, help="Target epsilon (with --dp); the noise is set to meet it."
         ),

@@ -35,16 +35,24 @@ logger = logging.getLogger(__name__)
 
 # -- shared -----------------------------------------------------------------------------------
 def dp_config(opts: dict[str, Any]) -> DPConfig | None:
-    """The DP-SGD settings named by the command's options (``None`` without ``--dp``)."""
-    if not opts.get("dp"):
-        for flag in ("epsilon", "noise_multiplier", "max_epsilon"):
-            if opts.get(flag) is not None:
-                raise InvalidConfigError(
-                    f"--{flag.replace('_', '-')} needs --dp (without it the training is not private)"
-                )
+    """The DP-SGD settings named by the command's options (``None`` when not private).
+
+    ``--epsilon`` or ``--noise-multiplier`` imply ``--dp``; ``--no-dp`` with either is an error.
+    """
+    named = [f for f in ("epsilon", "noise_multiplier", "max_epsilon") if opts.get(f) is not None]
+    if opts.get("dp") is False:
+        if named:
+            flag = named[0].replace("_", "-")
+            raise InvalidConfigError(
+                f"--{flag} contradicts --no-dp (a non-private run spends no budget)"
+            )
         return None
     if opts.get("epsilon") is None and opts.get("noise_multiplier") is None:
-        raise InvalidConfigError("--dp needs --epsilon (a target) or --noise-multiplier")
+        if opts.get("dp"):
+            raise InvalidConfigError("--dp needs --epsilon (a target) or --noise-multiplier")
+        if named:
+            raise InvalidConfigError("--max-epsilon needs --epsilon or --noise-multiplier")
+        return None
     return DPConfig(
         epsilon=opts.get("epsilon"),
         noise_multiplier=opts.get("noise_multiplier"),
