@@ -347,8 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     t0 = time.time()
     data = load_mnist()
-    print(f"MNIST loaded in {time.time() - t0:.1f} s: {len(data['x_train'])} train, "
-          f"{len(data['x_test'])} test", flush=True)
+    print(
+        f"MNIST loaded in {time.time() - t0:.1f} s: {len(data['x_train'])} train, "
+        f"{len(data['x_test'])} test",
+        flush=True,
+    )
     runs = []
     for name in names:
         run = run_setting(name, data, args, device)

@@ -466,9 +466,9 @@ def choose_mode(
     """Pick the fastest Opacus mode whose clipped gradient is correct for this model.
 
     Each mode takes one noiseless step from the same weights on the same random batch;
-    a mode whose update differs from functorch's (the general ``torch.func`` path) is
-    rejected. The rest are timed round-robin (median of ``repeats`` steps each), so load
-    on the machine hits every mode alike. Random inputs and a copy of the model: no
+    a mode whose update differs from functorch's (the general ``torch.func`` path; hooks'
+    when functorch fails) is rejected. The rest are timed round-robin (median of
+    ``repeats`` steps each), so load on the machine hits every mode alike. Random inputs and a copy of the model: no
     private data is touched and no privacy budget is spent.
     """
     probe_cfg = DPConfig(noise_multiplier=0.0, batch_size=batch_size, lr=1.0, mode="hooks")
@@ -499,7 +499,8 @@ def choose_mode(
         except Exception as exc:
             failed[mode] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             logger.info("DP-SGD mode %s does not work for this model: %s", mode, failed[mode])
-    reference = updates.get("functorch")
+    ref_mode = next((m for m in ("functorch", "hooks") if m in updates), None)
+    reference = updates.get(ref_mode) if ref_mode is not None else None
     if reference is not None:
         for mode, upd in updates.items():
             diff = torch.cat([(u - r).flatten() for u, r in zip(upd, reference, strict=True)])
@@ -507,7 +508,7 @@ def choose_mode(
             err = float(diff.norm() / ref.norm().clamp_min(1e-12))
             if err > 1e-3:
                 failed[mode] = (
-                    f"clipped gradient differs from functorch's (relative error {err:.2g})"
+                    f"clipped gradient differs from {ref_mode}'s (relative error {err:.2g})"
                 )
                 logger.warning("DP-SGD mode %s rejected: %s", mode, failed[mode])
                 engines.pop(mode).close()
