@@ -121,3 +121,26 @@ def test_dp_audit_result_round_trips_through_json():
     assert isinstance(back, DPAuditResult)
     assert back.eps_lower == 1.5 and back.broken and back.margin == pytest.approx(-0.5)
     assert torch.equal(back.scores, res.scores)
+
+
+def test_one_run_dp_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    data = _blobs(60)
+    ckpt = tmp_path / "checkpoint.pt"
+    trainer = AuditTraining(
+        arch="mlp",
+        input_shape=(1, 6, 6),
+        num_classes=3,
+        dp=DPConfig(noise_multiplier=1.0, epochs=3, batch_size=20, mode="hooks"),
+        checkpoint=str(ckpt),
+    )
+    first = audit_one_run(trainer, data, canaries=40, seed=2)
+    assert ckpt.exists()
+
+    import modelshield.privacy.dp as dp
+
+    def no_more_steps(*args, **kwargs):
+        raise AssertionError("all epochs were checkpointed; nothing is left to train")
+
+    monkeypatch.setattr(dp._Engine, "step", no_more_steps)
+    again = audit_one_run(trainer, data, canaries=40, seed=2)
+    assert torch.equal(first.scores, again.scores)

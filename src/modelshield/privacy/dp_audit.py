@@ -61,7 +61,8 @@ class AuditTraining:
     Picklable, so runs can go to a Ray executor. ``claim(n)`` is the epsilon this
     procedure claims on a training set of ``n`` examples (``None`` when not private).
     ``init_seed`` fixes the weight initialisation across runs (the seed passed to each call
-    still drives batch sampling and noise).
+    still drives batch sampling and noise). ``checkpoint``: a DP training saves its state
+    there after every epoch and resumes from it (for a single long run, not for many).
     """
 
     arch: str
@@ -73,6 +74,7 @@ class AuditTraining:
     batch_size: int = 64
     device: str = "cpu"
     init_seed: int | None = None
+    checkpoint: str | None = None
 
     def claim(self, n: int) -> float | None:
         if self.dp is None:
@@ -118,6 +120,7 @@ class AuditTraining:
                 num_classes=self.num_classes,
                 device=self.device,
                 account_epochs=False,
+                checkpoint=self.checkpoint,
             )
         return res.module
 

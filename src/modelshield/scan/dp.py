@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -406,6 +407,11 @@ def run_dp_audit(**opts: Any) -> dict[str, Any]:
             batch_size=opts["batch_size"],
             device=str(device),
         )
+    ckpt = out / "checkpoint.pt"
+    if opts.get("fresh"):
+        ckpt.unlink(missing_ok=True)
+    if opts["method"] == "one-run" and isinstance(trainer, AuditTraining):
+        trainer = replace(trainer, checkpoint=str(ckpt))  # one long run: resumable
     if claimed is not None and not (math.isfinite(claimed) and claimed > 0):
         raise InvalidConfigError(f"--claimed-epsilon must be > 0, got {claimed}")
     delta = cfg.delta if cfg is not None else opts["delta"]
@@ -457,4 +463,5 @@ def run_dp_audit(**opts: Any) -> dict[str, Any]:
     atomic_write_json(result_path, summary)
     summary["paths"]["result"] = str(result_path)
     (out / "progress.json").unlink(missing_ok=True)
+    ckpt.unlink(missing_ok=True)
     return summary
