@@ -10,7 +10,7 @@ import scipy.stats
 import torch
 from torch import nn
 
-from modelshield.core.errors import InvalidConfigError, PrivacyBudgetExceeded
+from modelshield.core.errors import DataError, InvalidConfigError, PrivacyBudgetExceeded
 from modelshield.privacy.accounting import compute_epsilon
 from modelshield.privacy.dp import (
     GRAD_SAMPLE_MODES,
@@ -274,3 +274,14 @@ def test_secure_rng_and_shuffled_batches_are_recorded():
 def test_dp_config_rejects_bad_settings(kwargs):
     with pytest.raises(InvalidConfigError):
         DPConfig(**kwargs)
+
+
+def test_train_dp_rejects_nan_inputs_and_labels_out_of_range():
+    x, y = _blobs(60)
+    bad = x.clone()
+    bad[3, 2] = float("nan")
+    cfg = DPConfig(noise_multiplier=1.0, epochs=1, batch_size=10, mode="hooks")
+    with pytest.raises(DataError, match="NaN"):
+        train_dp(nn.Linear(12, 3), bad, y, cfg)
+    with pytest.raises(DataError, match=r"\[0, 3\)"):
+        train_dp(nn.Linear(12, 3), x, y + 1, cfg, num_classes=3)

@@ -634,6 +634,12 @@ def train_dp(
         )
     n = len(x)
     k = int(num_classes) if num_classes is not None else int(y.max()) + 1
+    if not bool(torch.isfinite(x).all()):
+        raise DataError("training inputs contain NaN or infinite values")
+    if int(y.min()) < 0 or int(y.max()) >= k:
+        raise DataError(
+            f"labels must be class indices in [0, {k}), got [{int(y.min())}, {int(y.max())}]"
+        )
     q, total_steps = plan_steps(cfg, n)
     steps_per_epoch = total_steps // cfg.epochs
     sigma = plan_noise(cfg, q, total_steps)
