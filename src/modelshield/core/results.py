@@ -318,3 +318,48 @@ class DPAuditResult(Result):
     def margin(self) -> float | None:
         """``eps_claimed - eps_lower``: how far below the claim the evidence sits."""
         return None if self.eps_claimed is None else self.eps_claimed - self.eps_lower
+
+
+@dataclass
+class ExtractionResult(Result):
+    """A model-stealing run through an Oracle: how close the copy came, for how many queries.
+
+    ``fidelity``: top-1 agreement of the copy with the victim on held-out inputs;
+    ``accuracy``: the copy's accuracy on held-out labelled data (``None`` without labels).
+    ``curve``: one row per checkpoint, ``{"queries", "fidelity", "accuracy"}``.
+    ``transfer``: adversarial examples crafted on the copy and tried on the victim
+    (e.g. ``{"attack", "eps", "n", "success_on_copy", "transfer_rate"}``).
+    """
+
+    result_type: ClassVar[str] = "extraction"
+
+    method: str = ""
+    queries_used: int = 0
+    fidelity: float = float("nan")
+    accuracy: float | None = None
+    victim_accuracy: float | None = None
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    transfer: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WatermarkVerdict(Result):
+    """Does a suspect model carry a trigger-set watermark (Adi et al. 2018)?
+
+    ``matches`` of ``n_triggers`` trigger inputs got their assigned label; ``p_value`` is
+    the binomial probability of at least that many by chance (each match with probability
+    ``chance``); ``verified`` is ``p_value < significance``.
+    """
+
+    result_type: ClassVar[str] = "watermark"
+
+    trigger_accuracy: float = 0.0
+    matches: int = 0
+    n_triggers: int = 0
+    chance: float = 0.0
+    p_value: float = 1.0
+    significance: float = 1e-6
+    verified: bool = False
+    access: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
