@@ -239,6 +239,11 @@ def cli(verbose: int, quiet: bool, debug: bool, threads: int | None) -> None:
 )
 @click.option("--label-column", help="CSV label column (default: 'label', else the last column).")
 @click.option(
+    "--watermark-key",
+    type=click.Path(dir_okay=False),
+    help="Secret watermark key (from 'watermark embed'): verify the model carries the mark.",
+)
+@click.option(
     "--dp-ledger",
     type=click.Path(dir_okay=False),
     help="Privacy ledger of the model (default: ledger.json beside the model, if present).",
@@ -284,6 +289,7 @@ def scan_cmd(**opts: Any) -> None:
         eps=opts["eps"],
         sensitive_feature=opts["sensitive_feature"],
         dp_ledger=opts["dp_ledger"],
+        watermark_key=opts["watermark_key"],
         norm=opts["norm"],
         bounds=opts["bounds"],
         mean=opts["mean"],

@@ -52,6 +52,8 @@ class ScanConfig:
     sensitive_feature: int | None = None
     dp_ledger: str | None = None
     """Privacy ledger of the model (default: ``ledger.json`` beside the model file, if any)."""
+    watermark_key: str | None = None
+    """Secret key of a trigger-set watermark to verify on the model (``watermark embed``)."""
     bounds: tuple[float, float] = (0.0, 1.0)
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -213,6 +215,11 @@ def run_scan(cfg: ScanConfig) -> ScanOutcome:
     fingerprint["oracle"] = cfg.oracle
     ledger = _ledger_path(cfg)
     fingerprint["dp_ledger_sha256"] = sha256_file(ledger) if ledger is not None else None
+    if cfg.watermark_key is not None and not Path(cfg.watermark_key).is_file():
+        raise DataError(f"--watermark-key {cfg.watermark_key}: no such file")
+    fingerprint["watermark_key_sha256"] = (
+        sha256_file(Path(cfg.watermark_key)) if cfg.watermark_key is not None else None
+    )
     run_dir = RunDir(cfg.out, fingerprint, fresh=cfg.fresh)
     ctx = ScanContext(
         run_dir=run_dir,
@@ -229,6 +236,7 @@ def run_scan(cfg: ScanConfig) -> ScanOutcome:
             "eps": cfg.eps,
             "sensitive_feature": cfg.sensitive_feature,
             "dp_ledger": ledger,
+            "watermark_key": cfg.watermark_key,
         },
     )
     names = [n for n in ordered_probe_names() if not cfg.only or n in cfg.only]
