@@ -12,6 +12,7 @@ BUILTIN_MODULES = (
     "modelshield.privacy.audit",
     "modelshield.privacy.dp_audit",
     "modelshield.scan.probe",
+    "modelshield.serve.defenses",
 )
 
 

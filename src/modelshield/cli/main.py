@@ -18,6 +18,7 @@ import click
 from modelshield import __version__
 from modelshield.cli.dp import audit_dp_cmd, train_cmd
 from modelshield.cli.options import executor_options
+from modelshield.cli.serve import serve_cmd
 from modelshield.core.errors import ModelShieldError
 
 logger = logging.getLogger("modelshield")
@@ -661,6 +662,7 @@ def audit_attribute_cmd(**opts: Any) -> None:
 
 
 cli.add_command(train_cmd)
+cli.add_command(serve_cmd)
 audit_group.add_command(audit_dp_cmd)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from modelshield.core.errors import InvalidConfigError, OracleError
+from modelshield.core.errors import InvalidConfigError, OracleError, QueryBudgetExceeded
 from modelshield.core.oracle import Oracle
 from modelshield.core.oracles import _check_raw_output, _to_raw
 from modelshield.core.threat import QueryAccess
@@ -237,6 +237,11 @@ class HttpOracle(Oracle):
             if exc.code in _RETRY_STATUS or exc.code >= 500:
                 retry_after = _parse_retry_after(exc.headers.get("Retry-After"))
                 raise _Unavailable(text, connection=False, retry_after=retry_after) from None
+            if exc.code == 403 and '"budget_exhausted"' in detail:
+                # the server's own per-client budget (modelshield serve --defense budget=N)
+                raise QueryBudgetExceeded(
+                    f"endpoint {self.display_url} refused: its query budget is spent ({text})"
+                ) from None
             raise OracleError(f"endpoint {self.display_url} rejected the request: {text}") from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
             raise _Unavailable(_describe(exc), connection=True) from None

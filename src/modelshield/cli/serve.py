@@ -1,0 +1,179 @@
+"""``modelshield serve``: a model behind switchable anti-extraction defences, over HTTP."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+STATS_TOKEN_ENV = "MODELSHIELD_STATS_TOKEN"
+
+
+def _ints(text: str | None, name: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise click.BadParameter(
+            f"expected positive integers like 1,28,28, got {text!r}", param_hint=name
+        )
+    return values
+
+
+def _floats(text: str | None, name: str, count: int | None = None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or (count is not None and len(values) != count):
+        want = f"{count} " if count else ""
+        raise click.BadParameter(
+            f"expected {want}comma-separated numbers, got {text!r}", param_hint=name
+        )
+    return values
+
+
+@click.command("serve")
+@click.option(
+    "--model",
+    "model",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Model file: torch.export .pt2, TorchScript, state_dict (+ --arch), ONNX, or a pickle (needs --trust-pickle).",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. Anything but loopback exposes the model to the network.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port (0: a free one, printed on start).",
+)
+@click.option(
+    "--defense",
+    "defenses",
+    multiple=True,
+    metavar="SPEC",
+    help="Repeatable: label-only, top-k=K, round=DECIMALS, noise=SIGMA, "
+    "reverse-sigmoid=BETA[,gamma=G], rate=N/s[,burst=B], budget=N, prada=DELTA[,action=block]; "
+    "see 'modelshield list gateway-defenses'.",
+)
+@click.option(
+    "--prada-action",
+    type=click.Choice(["flag", "block"]),
+    help="With --defense prada: only flag suspected extraction (log, /stats) or also refuse the client (403).",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Largest batch (rows) one request may send.",
+)
+@click.option(
+    "--client-header",
+    default="X-Client-Id",
+    show_default=True,
+    help="Header naming the client (budgets, rates, PRADA are per client); '' to key by peer "
+    "address. Trust it only behind an authenticating proxy.",
+)
+@click.option(
+    "--stats/--no-stats",
+    "stats",
+    default=True,
+    show_default=True,
+    help=f"Serve GET /stats (per-client state) for the operator; ${STATS_TOKEN_ENV} requires a bearer token.",
+)
+@click.option(
+    "--trust-pickle", is_flag=True, help="Allow a full-pickle model file (runs its code)."
+)
+@click.option(
+    "--arch", help="Architecture of a state_dict: a built-in name or package.module:factory."
+)
+@click.option(
+    "--input-shape", help="Per-sample input shape, e.g. 1,28,28 (when the file lacks it)."
+)
+@click.option("--num-classes", type=click.IntRange(min=2), help="Number of classes (state_dicts).")
+@click.option(
+    "--bounds",
+    help="Input value range LOW,HIGH; requests outside are refused (default: 0,1 for torch "
+    "models, unchecked for ONNX and scikit-learn).",
+)
+@click.option("--mean", help="Per-channel normalisation mean applied by the model adapter.")
+@click.option("--std", help="Per-channel normalisation std.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+def serve_cmd(**opts: Any) -> None:
+    """Serve a model over HTTP behind anti-extraction defences (POST /predict, GET /info, /health, /stats).
+
+    \b
+    Example:
+      modelshield serve --model model.pt2 --port 8000 --defense top-k=1 \\
+          --defense rate=10/s --defense budget=5000 --defense prada=0.9 --prada-action block
+    Query it with HttpOracle("http://127.0.0.1:8000/predict"), or
+      curl -s localhost:8000/predict -d '{"inputs": [[...]]}' -H 'X-Client-Id: alice'
+    """
+    from modelshield.serve.app import create_app, load_gateway
+    from modelshield.serve.defenses import PradaDefense, parse_defense
+    from modelshield.serve.server import is_loopback, run
+
+    defenses = [parse_defense(spec) for spec in opts["defenses"]]
+    if opts["prada_action"] is not None:
+        prada = [d for d in defenses if isinstance(d, PradaDefense)]
+        if not prada:
+            raise click.UsageError("--prada-action needs --defense prada=DELTA")
+        prada[0].action = opts["prada_action"]
+    bounds = _floats(opts["bounds"], "--bounds", 2)
+    mean = _floats(opts["mean"], "--mean")
+    std = _floats(opts["std"], "--std")
+    gateway = load_gateway(
+        opts["model"],
+        defenses,
+        trust_pickle=opts["trust_pickle"],
+        arch=opts["arch"],
+        input_shape=_ints(opts["input_shape"], "--input-shape"),
+        num_classes=opts["num_classes"],
+        bounds=(bounds[0], bounds[1]) if bounds is not None else None,
+        mean=mean,
+        std=std,
+        device=None if opts["device"] == "auto" else opts["device"],
+        max_batch=opts["max_batch"],
+    )
+    host = opts["host"]
+    token = os.environ.get(STATS_TOKEN_ENV) or None
+    expose = opts["stats"]
+    if not is_loopback(host):
+        click.echo(
+            f"modelshield: WARNING: listening on {host}, not loopback: the model is reachable "
+            "from other machines",
+            err=True,
+        )
+        if expose and token is None:
+            click.echo(
+                f"modelshield: WARNING: GET /stats disabled (set ${STATS_TOKEN_ENV} to serve it "
+                "behind a bearer token)",
+                err=True,
+            )
+            expose = False
+    app = create_app(
+        gateway, client_header=opts["client_header"], stats_token=token, expose_stats=expose
+    )
+    active = ", ".join(d.name for d in gateway.defenses) or "none"
+    output = "labels" if gateway.labels_only else "probabilities"
+
+    def ready(url: str) -> None:
+        click.echo(f"modelshield serve: listening on {url} (answers {output}; defences: {active})")
+        click.echo(f"predict: POST {url}/predict", nl=True)
+
+    run(app, host, opts["port"], on_ready=ready)
+    click.echo("modelshield serve: stopped")
