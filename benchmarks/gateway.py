@@ -24,10 +24,24 @@ own 447 digits.
   each threshold ``delta`` in ``--deltas``: the fraction of streams flagged and the
   queries until the flag. The knockoff runs through the gateway with ``prada`` active also
   report whether the live attacker was flagged (``GET /stats``).
+* **Detectors side by side** (``--detectors-only`` runs just this part and adds it to an
+  existing ``--json`` file under ``"detectors"``): PRADA at ``--prada-delta`` and the
+  ``ood`` monitor (maximum-softmax-probability KS test + predicted-class chi-square test
+  against a reference set, alpha spending) at each of ``--ood-alphas``, on the same
+  streams: benign (``--benign-clients`` × ``--benign-queries`` digits drawn without
+  replacement from held-out digits outside the reference set), knockoff streams from the
+  augmented pool, from uniform noise and from the attacker's own natural digits (in
+  distribution: each of its 447 digits once, and 3000 draws with replacement), and the
+  Jacobian streams. The reference set (the owner's validation data) is the first
+  ``--reference-size`` test digits. Then the knockoff-over-HTTP row with
+  ``--ood-http`` (``ood`` in block mode): the honest user, where the attacker is blocked,
+  and the fidelity of a copy trained on the answers it got before the block.
 
 Run inside a loopback-only namespace (ENVIRONMENT.md)::
 
     scripts/loopback.sh .venv/bin/python benchmarks/gateway.py \
+        --json benchmarks/results/gateway_cpu.json
+    scripts/loopback.sh .venv/bin/python benchmarks/gateway.py --detectors-only \
         --json benchmarks/results/gateway_cpu.json
 """
 
@@ -43,7 +57,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -58,6 +72,7 @@ from modelshield.core.threat import QueryAccess
 from modelshield.core.train import train_classifier
 from modelshield.extraction import jacobian_augmentation, knockoff
 from modelshield.serve.app import Backend, Gateway, create_app
+from modelshield.serve.defenses import OodDefense, parse_defense
 from modelshield.serve.detector import PradaMonitor
 from modelshield.serve.server import serve_in_thread
 
@@ -110,6 +125,8 @@ def setup(seed: int, epochs: int) -> dict[str, Any]:
         acc = float((clf(data.x[test]).argmax(1) == data.y[test]).float().mean())
     return {
         "clf": clf,
+        "test_idx": test,
+        "x_all": data.x,
         "x_test": data.x[test],
         "y_test": data.y[test],
         "x_attacker": data.x[attacker],
@@ -148,14 +165,19 @@ def augmented_pool(x: torch.Tensor, size: int, seed: int) -> torch.Tensor:
 class Served:
     """A gateway on 127.0.0.1 with one defence (``"none"``: no defence)."""
 
-    def __init__(self, clf: Classifier, defence: str) -> None:
-        defences = [] if defence == "none" else [defence]
+    def __init__(
+        self, clf: Classifier, defence: str, reference: torch.Tensor | None = None
+    ) -> None:
+        defences = [] if defence == "none" else [parse_defense(defence)]
+        for d in defences:
+            if isinstance(d, OodDefense):
+                d.reference = reference
         self.gateway = Gateway(Backend(clf), defences)
         self.url, self._stop = serve_in_thread(create_app(self.gateway))
         self.labels = self.gateway.labels_only
 
     def oracle(self, client: str, **kwargs: Any) -> HttpOracle:
-        kind = "label" if self.labels else "probs"
+        kind: Literal["label", "probs"] = "label" if self.labels else "probs"
         return HttpOracle(
             self.url + "/predict",
             QueryAccess(output=kind),
@@ -226,9 +248,13 @@ def attack(
         row["refused"] = str(exc)
         row["answered_before_refusal"] = served.stats()["clients"].get(client, {}).get("queries")
     row["wall_s"] = round(time.perf_counter() - t0, 2)
-    if served.gateway.detectors:
-        prada = served.stats()["clients"].get(client, {}).get("prada", {})
-        row["prada"] = {k: prada.get(k) for k in ("flagged", "flagged_at", "w", "min_w")}
+    keys = {
+        "prada": ("flagged", "flagged_at", "w", "min_w"),
+        "ood": ("flagged", "flagged_at", "flagged_by", "tests", "ks_d", "confidence_p"),
+    }
+    for det in served.gateway.detectors:
+        got = served.stats()["clients"].get(client, {}).get(det.name, {})
+        row[det.name] = {k: got.get(k) for k in keys.get(det.name, ("flagged", "flagged_at"))}
     return row
 
 
@@ -355,6 +381,198 @@ def prada_streams(
     return out
 
 
+# -- PRADA and ood side by side (in-process) ------------------------------------------------------
+def _flag_summary(firsts: list[int | None]) -> dict[str, Any]:
+    hits = [f for f in firsts if f is not None]
+    return {
+        "flagged": len(hits),
+        "of": len(firsts),
+        "rate": len(hits) / len(firsts) if firsts else None,
+        "queries_until_flag_median": statistics.median(hits) if hits else None,
+        "queries_until_flag_max": max(hits) if hits else None,
+    }
+
+
+def detector_streams(
+    s: dict[str, Any], args: argparse.Namespace, pool: torch.Tensor
+) -> dict[str, Any]:
+    """Flag rates of PRADA and ood on the same streams (see the module docstring)."""
+    clf: Classifier = s["clf"]
+    backend = Backend(clf)
+    x_ref, x_benign = s["x_reference"], s["x_benign_pool"]
+    xa, ya = s["x_attacker"], s["y_attacker"]
+    n = args.queries[-1]
+
+    def g(seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed)
+
+    streams: dict[str, Callable[[], list[torch.Tensor]]] = {
+        "benign_iid_digits": lambda: [
+            x_benign[torch.randperm(len(x_benign), generator=g(1000 + c))[: args.benign_queries]]
+            for c in range(args.benign_clients)
+        ],
+        "knockoff_augmented_digits": lambda: [
+            pool[torch.randperm(len(pool), generator=g(2000 + c))[:n]] for c in range(args.streams)
+        ],
+        "knockoff_uniform_noise": lambda: [
+            torch.rand(n, 1, 8, 8, generator=g(3000 + c)) for c in range(args.streams)
+        ],
+        "knockoff_in_distribution_once": lambda: [
+            xa[torch.randperm(len(xa), generator=g(5000 + c))] for c in range(args.streams)
+        ],
+        "knockoff_in_distribution_with_replacement": lambda: [
+            xa[torch.randint(len(xa), (n,), generator=g(6000 + c))] for c in range(args.streams)
+        ],
+    }
+
+    def jacobian() -> list[torch.Tensor]:
+        out = []
+        for c in range(args.jacobian_streams):
+            order = torch.randperm(len(xa), generator=g(4000 + c))
+            seeds = torch.cat([xa[order][ya[order] == k][:10] for k in range(10)])
+            rec = RecordingOracle(clf)
+            jacobian_augmentation(
+                rec,
+                seeds,
+                queries=args.jacobian_queries,
+                num_classes=10,
+                epochs=args.epochs,
+                seed=c,
+                lam=0.1,
+            )
+            out.append(torch.cat(rec.stream))
+        return out
+
+    streams["jacobian_augmentation"] = jacobian
+    oods = {}
+    for alpha in args.ood_alphas:
+        d = OodDefense(alpha, reference=x_ref)
+        d.bind(backend)
+        oods[alpha] = d
+    with torch.no_grad():
+        ref_conf = torch.softmax(clf(x_ref).double(), 1).max(1).values
+    out: dict[str, Any] = {}
+    for name, make in streams.items():
+        t0 = time.perf_counter()
+        xs = make()
+        prada_first: list[int | None] = []
+        ood_first: dict[float, list[int | None]] = {a: [] for a in args.ood_alphas}
+        ood_by: dict[float, list[str | None]] = {a: [] for a in args.ood_alphas}
+        confs = []
+        for i, x in enumerate(xs):
+            with torch.no_grad():
+                probs = torch.softmax(clf(x).double(), 1)
+            labels = probs.argmax(1)
+            confs.append(float(probs.max(1).values.median()))
+            mon = PradaMonitor(args.prada_delta)
+            mon.update(x, labels)
+            prada_first.append(mon.flagged_at)
+            for alpha, d in oods.items():
+                client = f"{name}-{i}"
+                d.observe(client, x, labels, probs)
+                st = d.client_stats(client) or {}
+                ood_first[alpha].append(st.get("flagged_at"))
+                ood_by[alpha].append(st.get("flagged_by"))
+        out[name] = {
+            "streams": len(xs),
+            "stream_length": max(len(x) for x in xs),
+            "median_confidence": round(statistics.median(confs), 4),
+            "prada": {"delta": args.prada_delta, **_flag_summary(prada_first)},
+            "ood": {
+                str(a): {
+                    **_flag_summary(ood_first[a]),
+                    "flagged_by": {
+                        k: ood_by[a].count(k) for k in ("confidence", "classes") if k in ood_by[a]
+                    },
+                }
+                for a in args.ood_alphas
+            },
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
+        logger.info("detectors, %s: %s", name, out[name])
+    out["reference"] = {
+        "size": len(x_ref),
+        "median_confidence": round(float(ref_conf.median()), 4),
+    }
+    return out
+
+
+def ood_http_runs(
+    s: dict[str, Any], args: argparse.Namespace, pool: torch.Tensor
+) -> list[dict[str, Any]]:
+    """The knockoff-over-HTTP row with ood (block mode): who is served, who is blocked."""
+    runs = []
+    for defence in args.ood_http.split(";"):
+        served = Served(s["clf"], defence, reference=s["x_reference"])
+        try:
+            honest = honest_user(served, s, args.latency_requests)
+            honest["flagged"] = served.stats()["flagged"]
+            attacked = attack(served, s, pool, args.queries, args.epochs)
+        finally:
+            served.stop()
+        answered = attacked.get("answered_before_refusal")
+        if answered:
+            # What the blocked attacker keeps: a copy trained on the answers it got (the
+            # same answers as the gateway's, which ood leaves unchanged), in-process.
+            local = ClassifierOracle(s["clf"], QueryAccess(output="probs"))
+            _, res = knockoff(
+                local,
+                pool,
+                queries=answered,
+                num_classes=10,
+                strategy="random",
+                epochs=args.epochs,
+                seed=0,
+                x_eval=s["x_test"],
+                y_eval=s["y_test"],
+                victim=s["clf"],
+                checkpoints=[answered],
+            )
+            attacked["copy_from_answers_before_block"] = {
+                "queries": answered,
+                "fidelity": res.curve[-1]["fidelity"],
+                "accuracy": res.curve[-1]["accuracy"],
+            }
+        runs.append({"defence": defence, "honest": honest, "knockoff": attacked})
+        logger.info("%s: honest %s; knockoff %s", defence, honest, attacked)
+    return runs
+
+
+def detectors_section(
+    s: dict[str, Any],
+    args: argparse.Namespace,
+    pool: torch.Tensor,
+    command: str,
+    machine: dict[str, Any],
+    started: float,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    section: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "command": command,
+        "machine": machine,
+        "config": {
+            "prada_delta": args.prada_delta,
+            "ood_alphas": args.ood_alphas,
+            "ood_options": "min_samples=100, test_every=50, window=5000, classes=true",
+            "reference": f"first {args.reference_size} of the victim's test digits",
+            "benign_pool": "the other test digits and the attacker's digits "
+            f"({len(s['x_benign_pool'])}), drawn without replacement",
+            "ood_http": args.ood_http,
+            "queries": args.queries,
+            "epochs": args.epochs,
+            "seed": args.seed,
+        },
+        "victim": s["victim"],
+        "streams": detector_streams(s, args, pool),
+        "http_runs": ood_http_runs(s, args, pool),
+    }
+    machine["loadavg_end"] = _loadavg()
+    section["wall_s"] = round(time.perf_counter() - t0, 1)
+    section["total_wall_s"] = round(time.perf_counter() - started, 1)
+    return section
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument(
@@ -371,11 +589,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--jacobian-queries", type=int, default=1600)
     p.add_argument("--deltas", default="0.85,0.9,0.92,0.94,0.95")
     p.add_argument("--skip-prada-streams", action="store_true")
+    p.add_argument(
+        "--detectors-only",
+        action="store_true",
+        help="Only PRADA vs ood on the streams and the ood HTTP rows; merged into --json.",
+    )
+    p.add_argument("--skip-detectors", action="store_true", help="Skip PRADA vs ood.")
+    p.add_argument("--prada-delta", type=float, default=0.9)
+    p.add_argument("--ood-alphas", default="1e-3,1e-4")
+    p.add_argument("--ood-http", default="ood=1e-4,action=block", help="';'-separated.")
+    p.add_argument(
+        "--reference-size", type=int, default=225, help="Test digits the owner keeps as reference."
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="Write the results here.")
     args = p.parse_args(argv)
     args.queries = [int(q) for q in args.queries.split(",")]
     args.deltas = [float(d) for d in args.deltas.split(",")]
+    args.ood_alphas = [float(a) for a in args.ood_alphas.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("modelshield.core.oracles.http").setLevel(logging.ERROR)  # 429 retries
     logging.getLogger("modelshield.serve.defenses").setLevel(logging.ERROR)  # PRADA flags
@@ -385,7 +616,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     s = setup(args.seed, args.epochs)
     logger.info("victim: %s", s["victim"])
+    test_idx = s["test_idx"]
+    s["x_reference"] = s["x_all"][test_idx[: args.reference_size]]
+    s["x_benign_pool"] = torch.cat([s["x_all"][test_idx[args.reference_size :]], s["x_attacker"]])
     pool = augmented_pool(s["x_attacker"], args.pool, args.seed)
+    command = "python benchmarks/gateway.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    machine = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_start": _loadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "modelshield": __version__,
+    }
+    if args.detectors_only:
+        previous: dict[str, Any] = {}
+        if args.json and os.path.exists(args.json):
+            with open(args.json) as fh:
+                previous = json.load(fh)
+        previous["detectors"] = detectors_section(s, args, pool, command, machine, started)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(previous, fh, indent=2)
+            logger.info("wrote %s", args.json)
+        return previous
     runs = []
     for defence in args.defences.split(";"):
         served = Served(s["clf"], defence)
@@ -408,17 +663,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "gateway",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "command": "python benchmarks/gateway.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {
-            "cpu": _cpu_model(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "loadavg_start": _loadavg(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "modelshield": __version__,
-        },
+        "command": command,
+        "machine": machine,
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "victim": s["victim"],
         "knockoff": {
@@ -430,6 +676,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if not args.skip_prada_streams:
         result["prada_streams"] = prada_streams(s, args, pool)
+    if not args.skip_detectors:
+        result["detectors"] = detectors_section(s, args, pool, command, dict(machine), started)
     result["machine"]["loadavg_end"] = _loadavg()
     result["wall_s"] = round(time.perf_counter() - started, 1)
     if args.json:

@@ -9,6 +9,7 @@ BUILTIN_MODULES = (
     "modelshield.defenses",
     "modelshield.evasion",
     "modelshield.exec",
+    "modelshield.extraction",
     "modelshield.privacy.audit",
     "modelshield.privacy.dp_audit",
     "modelshield.scan.probe",

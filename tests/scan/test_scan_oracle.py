@@ -63,7 +63,15 @@ def test_scan_an_http_endpoint(tmp_path: Path, bundle: Bundle) -> None:
     probes = {p["probe"]: p for p in report["probes"]}
     bb = probes["evasion-blackbox"]
     assert bb["status"] == "ok" and bb["threat"]["attack"] == "square"
-    assert bb["details"]["queries_used"] == seen["rows"]  # every query reached the server
+    ex = probes["extraction"]
+    assert ex["status"] == "ok" and ex["details"]["queries_used"] > 0
+    # every query of both probes reached the server, and nothing else did
+    spent = (
+        bb["details"]["queries_used"]
+        + ex["details"]["queries_used"]
+        + ex["details"]["eval_queries"]
+    )
+    assert spent == seen["rows"]
     assert probes["model-file"]["status"] == "skipped"
     assert probes["evasion-whitebox"]["status"] == "skipped"
     both = run_cli(

@@ -19,6 +19,8 @@ from modelshield import __version__
 from modelshield.cli.dp import audit_dp_cmd, train_cmd
 from modelshield.cli.options import executor_options
 from modelshield.cli.serve import serve_cmd
+from modelshield.cli.steal import steal_cmd
+from modelshield.cli.watermark import watermark_group
 from modelshield.core.errors import ModelShieldError
 
 logger = logging.getLogger("modelshield")
@@ -663,6 +665,8 @@ def audit_attribute_cmd(**opts: Any) -> None:
 
 cli.add_command(train_cmd)
 cli.add_command(serve_cmd)
+cli.add_command(steal_cmd)
+cli.add_command(watermark_group)
 audit_group.add_command(audit_dp_cmd)
 
 

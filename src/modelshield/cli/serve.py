@@ -66,8 +66,16 @@ def _floats(text: str | None, name: str, count: int | None = None) -> list[float
     multiple=True,
     metavar="SPEC",
     help="Repeatable: label-only, top-k=K, round=DECIMALS, noise=SIGMA, "
-    "reverse-sigmoid=BETA[,gamma=G], rate=N/s[,burst=B], budget=N, prada=DELTA[,action=block]; "
+    "reverse-sigmoid=BETA[,gamma=G], rate=N/s[,burst=B], budget=N, prada=DELTA[,action=block], "
+    "ood=ALPHA[,action=block,min_samples=N,test_every=N] (needs --reference-data); "
     "see 'modelshield list gateway-defenses'.",
+)
+@click.option(
+    "--reference-data",
+    metavar="PATH",
+    help="Benign inputs for --defense ood (e.g. the owner's validation data): .npz, CSV, IDX, "
+    "image folder or 'digits'; their confidences and classes are what clients are tested "
+    "against.",
 )
 @click.option(
     "--prada-action",
@@ -85,7 +93,7 @@ def _floats(text: str | None, name: str, count: int | None = None) -> list[float
     "--client-header",
     default="X-Client-Id",
     show_default=True,
-    help="Header naming the client (budgets, rates, PRADA are per client); '' to key by peer "
+    help="Header naming the client (budgets, rates, detectors are per client); '' to key by peer "
     "address. Trust it only behind an authenticating proxy.",
 )
 @click.option(
@@ -120,11 +128,14 @@ def serve_cmd(**opts: Any) -> None:
     Example:
       modelshield serve --model model.pt2 --port 8000 --defense top-k=1 \\
           --defense rate=10/s --defense budget=5000 --defense prada=0.9 --prada-action block
+      modelshield serve --model model.pt2 --defense ood=1e-4,action=block \\
+          --reference-data validation.npz
     Query it with HttpOracle("http://127.0.0.1:8000/predict"), or
       curl -s localhost:8000/predict -d '{"inputs": [[...]]}' -H 'X-Client-Id: alice'
     """
+    from modelshield.core.data import load_dataset
     from modelshield.serve.app import create_app, load_gateway
-    from modelshield.serve.defenses import PradaDefense, parse_defense
+    from modelshield.serve.defenses import OodDefense, PradaDefense, parse_defense
     from modelshield.serve.server import is_loopback, run
 
     defenses = [parse_defense(spec) for spec in opts["defenses"]]
@@ -133,6 +144,18 @@ def serve_cmd(**opts: Any) -> None:
         if not prada:
             raise click.UsageError("--prada-action needs --defense prada=DELTA")
         prada[0].action = opts["prada_action"]
+    ood = [d for d in defenses if isinstance(d, OodDefense)]
+    if ood and opts["reference_data"] is None:
+        raise click.UsageError(
+            "--defense ood needs --reference-data PATH (benign inputs, e.g. the owner's "
+            "validation data)"
+        )
+    if opts["reference_data"] is not None and not ood:
+        raise click.UsageError("--reference-data is only used by --defense ood=ALPHA")
+    input_shape = _ints(opts["input_shape"], "--input-shape")
+    if ood:
+        reference = load_dataset(opts["reference_data"], input_shape=input_shape)
+        ood[0].reference = reference.x
     bounds = _floats(opts["bounds"], "--bounds", 2)
     mean = _floats(opts["mean"], "--mean")
     std = _floats(opts["std"], "--std")
@@ -141,7 +164,7 @@ def serve_cmd(**opts: Any) -> None:
         defenses,
         trust_pickle=opts["trust_pickle"],
         arch=opts["arch"],
-        input_shape=_ints(opts["input_shape"], "--input-shape"),
+        input_shape=input_shape,
         num_classes=opts["num_classes"],
         bounds=(bounds[0], bounds[1]) if bounds is not None else None,
         mean=mean,

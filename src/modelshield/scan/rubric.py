@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-RUBRIC_VERSION = "2026.11-5"
+RUBRIC_VERSION = "2026.11-6"
 
 GRADES = {
     "A": "no practical weakness found at the tested strength",
@@ -133,6 +133,16 @@ def grade_dp_audit(eps_lower: float, eps_claimed: float | None) -> tuple[str, st
     return _grade_at_most(eps_lower, DP_AUDIT_THRESHOLDS, "empirical epsilon lower bound")
 
 
+# Extraction: the copy's top-1 agreement with the model (fidelity) reached by knockoff at the
+# probe's query budget (quick 500, standard 2000, thorough 10000 queries).
+EXTRACTION_THRESHOLDS = (("A", 0.5), ("B", 0.7), ("C", 0.8), ("D", 0.9))
+
+
+def grade_extraction(fidelity: float) -> tuple[str, str]:
+    """Grade stealing risk by the copy's fidelity (top-1 agreement with the model)."""
+    return _grade_at_most(fidelity, EXTRACTION_THRESHOLDS, "copy fidelity at the probe's budget")
+
+
 def rubric_document() -> dict[str, Any]:
     """The rubric as the report embeds it."""
     evasion = "; ".join(f"{g}: r >= {t:.2f}" for g, t in EVASION_THRESHOLDS) + "; F: below"
@@ -156,6 +166,9 @@ def rubric_document() -> dict[str, Any]:
         + "; F: above or no DP. DP audit: F when the empirical epsilon lower bound exceeds the "
         "claim (a broken implementation), else by the bound; "
         + "; ".join(f"{g}: <= {t:g}" for g, t in DP_AUDIT_THRESHOLDS)
-        + "; F: above."
+        + "; F: above. Extraction: fidelity (top-1 agreement with the model) of a knockoff copy "
+        "at the probe's query budget; "
+        + "; ".join(f"{g}: <= {t:.2f}" for g, t in EXTRACTION_THRESHOLDS)
+        + "; F: above. Watermark verification is informational (an ownership check)."
     )
     return {"version": RUBRIC_VERSION, "text": text, "grades": dict(GRADES)}

@@ -8,7 +8,10 @@ Python::
     gateway = Gateway(classifier, ["top-k=1", "budget=5000", "prada=0.9,action=block"])
     url, stop = serve_in_thread(create_app(gateway))
 
-Defences and PRADA live in :mod:`modelshield.serve.defenses` and
+The ``ood`` detector needs benign reference inputs: ``Gateway(classifier,
+[OodDefense(1e-4, reference=x_val, action="block")])`` (``--reference-data`` on the CLI).
+
+Defences and the detectors live in :mod:`modelshield.serve.defenses` and
 :mod:`modelshield.serve.detector` (importable without FastAPI); the HTTP layer in
 :mod:`modelshield.serve.app` and :mod:`modelshield.serve.server` needs the ``serve`` extra
 (``fastapi``, ``uvicorn``).
@@ -21,16 +24,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from modelshield.serve.app import Backend, Gateway, create_app, load_gateway
-    from modelshield.serve.defenses import GATEWAY_DEFENSES, parse_defense
-    from modelshield.serve.detector import PradaMonitor, shapiro_wilk
+    from modelshield.serve.defenses import GATEWAY_DEFENSES, OodDefense, parse_defense
+    from modelshield.serve.detector import OodMonitor, PradaMonitor, ks_2samp, shapiro_wilk
     from modelshield.serve.server import run, serve_in_thread
 
 __all__ = [
     "GATEWAY_DEFENSES",
     "Backend",
     "Gateway",
+    "OodDefense",
+    "OodMonitor",
     "PradaMonitor",
     "create_app",
+    "ks_2samp",
     "load_gateway",
     "parse_defense",
     "run",
@@ -45,6 +51,9 @@ _LAZY = {
     "load_gateway": "modelshield.serve.app",
     "GATEWAY_DEFENSES": "modelshield.serve.defenses",
     "parse_defense": "modelshield.serve.defenses",
+    "OodDefense": "modelshield.serve.defenses",
+    "OodMonitor": "modelshield.serve.detector",
+    "ks_2samp": "modelshield.serve.detector",
     "PradaMonitor": "modelshield.serve.detector",
     "shapiro_wilk": "modelshield.serve.detector",
     "run": "modelshield.serve.server",

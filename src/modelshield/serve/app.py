@@ -1,8 +1,8 @@
 """The defended prediction gateway: a model behind switchable defences, served over HTTP.
 
 :class:`Gateway` is the framework-free core: it validates a batch, applies the admission
-defences of the requesting client (budget, rate limit, PRADA block), runs the model,
-feeds the detectors and passes the probabilities through the output defences.
+defences of the requesting client (budget, rate limit, detector block), runs the model,
+feeds the detectors (PRADA, ``ood``) and passes the probabilities through the output defences.
 :func:`create_app` puts it behind FastAPI:
 
 * ``POST /predict`` with ``{"inputs": [[...], ...]}`` (a batch ``(N, *input_shape)`` as
@@ -11,8 +11,8 @@ feeds the detectors and passes the probabilities through the output defences.
   :class:`~modelshield.core.oracles.HttpOracle` reads (``raw_output="probs"`` or
   ``"label"``).
 * ``GET /health``, ``GET /info`` (input shape, classes, output kind, active defences and
-  their public parameters), ``GET /stats`` (per-client counters and PRADA state, for the
-  operator; optionally behind a bearer token).
+  their public parameters), ``GET /stats`` (per-client counters and detector state —
+  PRADA, ``ood`` — for the operator; optionally behind a bearer token).
 
 Errors are one-line JSON objects ``{"error": "...", "code": "..."}``: 400 (malformed
 request or client id), 413 (body too large), 422 (wrong shape, NaN, out of bounds, batch
@@ -20,7 +20,7 @@ over the limit), 429 (rate limit, with ``Retry-After``), 403 (budget spent or cl
 blocked), 500 (the model failed). The client is identified by the ``X-Client-Id`` header
 (configurable) or, without it, by the peer address. That header is only as trustworthy as
 whatever sets it: behind an authenticating proxy it is the account; exposed directly, a
-client can rotate ids to reset its budget, rate and PRADA history (a Sybil attack, the
+client can rotate ids to reset its budget, rate and detector history (a Sybil attack, the
 limitation Juuti et al. 2019 note for any per-client defence).
 """
 
@@ -255,6 +255,8 @@ class Gateway:
                 "label-only is active: %s only change scores that are not answered",
                 ", ".join(d.name for d in self.outputs if not d.labels),
             )
+        for d in self.defenses:
+            d.bind(self.backend)
         self.clock = clock
         self._admit_lock = threading.Lock()
         self._counters: dict[str, _ClientCounters] = {}
@@ -302,7 +304,7 @@ class Gateway:
                 d.commit(client, n, now)
         probs, labels = self.backend.predict(x)
         for det in self.detectors:
-            refusal = det.observe(client, x, labels)
+            refusal = det.observe(client, x, labels, probs)
             if refusal is not None:
                 self._count(client, rejected=refusal.code)
                 raise refusal

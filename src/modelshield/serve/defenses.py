@@ -25,13 +25,13 @@ import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from modelshield.core.errors import InvalidConfigError
 from modelshield.core.registry import Registry
-from modelshield.serve.detector import MAX_N, PradaMonitor
+from modelshield.serve.detector import MAX_N, OodMonitor, PradaMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ __all__ = [
     "GatewayDefense",
     "LabelOnlyDefense",
     "NoiseDefense",
+    "OodDefense",
     "OutputDefense",
     "PradaDefense",
     "RateLimitDefense",
@@ -69,11 +70,24 @@ class Rejection(Exception):
         return self.message
 
 
+class ServedModel(Protocol):
+    """What a defence may learn of the served model (:class:`~modelshield.serve.app.Backend`)."""
+
+    input_shape: tuple[int, ...] | None
+    num_classes: int | None
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]: ...
+
+
 class GatewayDefense:
     """Base of every gateway defence. ``public()`` is what ``GET /info`` may show."""
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
+
+    def bind(self, model: ServedModel) -> None:
+        """Called once by the gateway with the served model, before any request."""
+        return None
 
     def public(self) -> dict[str, Any]:
         return {}
@@ -128,7 +142,15 @@ class DetectorDefense(AdmissionDefense):
 
     kind: ClassVar[str] = "detector"
 
-    def observe(self, client: str, x: torch.Tensor, labels: torch.Tensor) -> Rejection | None:
+    def observe(
+        self,
+        client: str,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        probs: torch.Tensor | None = None,
+    ) -> Rejection | None:
+        """Feed an answered batch: inputs, predicted classes and the model's probabilities
+        (``None`` for a label-only model); a :class:`Rejection` blocks this request."""
         raise NotImplementedError
 
     def flagged(self, client: str) -> bool:
@@ -607,7 +629,13 @@ class PradaDefense(DetectorDefense):
             mon = self._monitors.get(client)
         return self._blocked() if mon is not None and mon.flagged else None
 
-    def observe(self, client: str, x: torch.Tensor, labels: torch.Tensor) -> Rejection | None:
+    def observe(
+        self,
+        client: str,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        probs: torch.Tensor | None = None,
+    ) -> Rejection | None:
         """Feed the client's inputs and predicted classes; a block if this flags it."""
         mon = self.monitor(client)
         if mon.update(x, labels):
@@ -662,6 +690,204 @@ class PradaDefense(DetectorDefense):
         )
 
 
+def _bool(text: str, what: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise InvalidConfigError(f"{what} must be true or false, got {text!r}")
+    return value in ("true", "1", "yes")
+
+
+class OodDefense(DetectorDefense):
+    """Out-of-distribution stream detection per client: the model's confidences (maximum
+    softmax probability, Hendrycks & Gimpel 2017) and predicted classes of each client's
+    queries, tested against those of a reference set of benign inputs (two-sample
+    Kolmogorov–Smirnov and chi-square tests, alpha spending over the repeated tests so a
+    benign client's lifetime false-flag probability is at most ``alpha``); see
+    :class:`~modelshield.serve.detector.OodMonitor`.
+
+    Complements PRADA: it flags a Knockoff-style stream from a pool unlike the owner's
+    data (noise, other datasets, augmented samples the model is unsure of), which PRADA's
+    distance test does not see; like any such monitor it cannot tell an attacker with
+    in-distribution data from a user. ``reference`` holds the benign inputs (e.g. the
+    owner's validation data; ``modelshield serve --reference-data PATH``); without it the
+    gateway refuses to start. With ``action="block"`` a flagged client's later requests,
+    and the request that flagged it, get HTTP 403 (code ``extraction_suspected``).
+    """
+
+    name = "ood"
+    MIN_REFERENCE = 20
+
+    def __init__(
+        self,
+        alpha: float = 1e-4,
+        *,
+        reference: torch.Tensor | None = None,
+        action: str = "flag",
+        min_samples: int = 100,
+        test_every: int = 50,
+        window: int = 5000,
+        classes: bool = True,
+    ) -> None:
+        if action not in PRADA_ACTIONS:
+            raise InvalidConfigError(f"ood action must be flag or block, got {action!r}")
+        self.action = action
+        self.reference = reference
+        self._params: dict[str, Any] = {
+            "alpha": float(alpha),
+            "min_samples": int(min_samples),
+            "test_every": int(test_every),
+            "window": int(window),
+            "classes": bool(classes),
+        }
+        # validate now, not at the first query
+        OodMonitor(None, torch.zeros(1, dtype=torch.long), 2, **{**self._params, "classes": True})
+        self._ref_conf: torch.Tensor | None = None
+        self._ref_classes: torch.Tensor | None = None
+        self._num_classes = 0
+        self._monitors: dict[str, OodMonitor] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def alpha(self) -> float:
+        return float(self._params["alpha"])
+
+    @property
+    def bound(self) -> bool:
+        return self._ref_classes is not None
+
+    def bind(self, model: ServedModel) -> None:
+        """Run the served model on the reference inputs (in chunks) and keep their
+        confidences and predicted classes."""
+        ref = self.reference
+        if ref is None:
+            raise InvalidConfigError(
+                "defence 'ood' needs a reference set of benign inputs "
+                "(modelshield serve --reference-data PATH, e.g. the owner's validation data)"
+            )
+        ref = torch.as_tensor(ref).detach().to("cpu", torch.float32)
+        if ref.ndim == 0 or int(ref.shape[0]) < self.MIN_REFERENCE:
+            have = 0 if ref.ndim == 0 else int(ref.shape[0])
+            raise InvalidConfigError(
+                f"ood reference set has {have} inputs; it needs at least {self.MIN_REFERENCE}"
+            )
+        shape = model.input_shape
+        if shape is not None and tuple(ref.shape[1:]) != tuple(shape):
+            if math.prod(ref.shape[1:]) != math.prod(shape):
+                raise InvalidConfigError(
+                    f"ood reference inputs have shape {tuple(ref.shape[1:])}; the model takes "
+                    f"{tuple(shape)}"
+                )
+            ref = ref.reshape((int(ref.shape[0]), *shape))
+        confs: list[torch.Tensor] = []
+        classes: list[torch.Tensor] = []
+        for i in range(0, int(ref.shape[0]), 1024):
+            probs, labels = model.predict(ref[i : i + 1024])
+            classes.append(labels.detach().reshape(-1).to("cpu", torch.long))
+            if probs is not None:
+                confs.append(probs.detach().to("cpu", torch.float64).max(dim=1).values)
+        ref_classes = torch.cat(classes)
+        num = model.num_classes or int(ref_classes.max()) + 1
+        conf = torch.cat(confs) if len(confs) == len(classes) else None
+        if conf is None and not self._params["classes"]:
+            raise InvalidConfigError(
+                "ood: the model answers labels only, so only the class test can run; "
+                "do not disable it (classes=false)"
+            )
+        with self._lock:
+            self._ref_conf, self._ref_classes, self._num_classes = conf, ref_classes, num
+            self._monitors.clear()
+        logger.info(
+            "ood: reference set of %d inputs (median confidence %s)",
+            len(ref_classes),
+            "n/a" if conf is None else f"{float(conf.median()):.4f}",
+        )
+
+    def monitor(self, client: str) -> OodMonitor:
+        with self._lock:
+            mon = self._monitors.get(client)
+            if mon is None:
+                if self._ref_classes is None:
+                    raise InvalidConfigError("ood defence used before the gateway bound it")
+                mon = self._monitors[client] = OodMonitor(
+                    self._ref_conf, self._ref_classes, self._num_classes, **self._params
+                )
+            return mon
+
+    def _blocked(self) -> Rejection:
+        return Rejection(
+            403,
+            "this client is blocked: its query stream was flagged as a model-extraction "
+            "attack (out-of-distribution queries)",
+            "extraction_suspected",
+        )
+
+    def check(self, client: str, n: int, now: float) -> Rejection | None:
+        if self.action != "block":
+            return None
+        with self._lock:
+            mon = self._monitors.get(client)
+        return self._blocked() if mon is not None and mon.flagged else None
+
+    def observe(
+        self,
+        client: str,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        probs: torch.Tensor | None = None,
+    ) -> Rejection | None:
+        """Feed the answered batch's probabilities and classes; a block if this flags it."""
+        mon = self.monitor(client)
+        if mon.update(probs, labels):
+            logger.warning(
+                "ood monitor flagged client %r after %d queries (%s test, p=%.3g below its "
+                "level %.3g)%s",
+                client,
+                mon.flagged_at,
+                mon.flagged_by,
+                mon.last.get(f"{mon.flagged_by}_p", float("nan")),
+                mon.last.get("level", float("nan")),
+                "; blocking it" if self.action == "block" else "",
+            )
+            if self.action == "block":
+                return self._blocked()
+        return None
+
+    def flagged(self, client: str) -> bool:
+        with self._lock:
+            mon = self._monitors.get(client)
+        return mon is not None and mon.flagged
+
+    def public(self) -> dict[str, Any]:
+        # The level and test schedule would help an attacker pace its queries: not shown.
+        return {}
+
+    def client_stats(self, client: str) -> dict[str, Any] | None:
+        with self._lock:
+            mon = self._monitors.get(client)
+        return None if mon is None else {"action": self.action, **mon.stats()}
+
+    def config(self) -> dict[str, Any]:
+        """Full parameters (for the operator, not for ``/info``)."""
+        size = None if self._ref_classes is None else int(self._ref_classes.numel())
+        return {"action": self.action, **self._params, "reference_size": size}
+
+    @classmethod
+    def from_spec(cls, value: str | None, options: dict[str, str]) -> OodDefense:
+        allowed = ["action", "min_samples", "test_every", "window", "classes"]
+        _no_options(cls.name, options, allowed)
+        alpha = _float(value if value else "1e-4", "ood alpha", low=0, high=1, low_open=True)
+        if alpha >= 1:
+            raise InvalidConfigError(f"ood alpha must be < 1, got {value!r}")
+        return cls(
+            alpha,
+            action=options.get("action", "flag").lower(),
+            min_samples=_int(options.get("min_samples", "100"), "ood min_samples", low=10),
+            test_every=_int(options.get("test_every", "50"), "ood test_every"),
+            window=_int(options.get("window", "5000"), "ood window", low=10),
+            classes=_bool(options.get("classes", "true"), "ood classes"),
+        )
+
+
 for _cls in (
     NoiseDefense,
     ReverseSigmoidDefense,
@@ -671,5 +897,6 @@ for _cls in (
     RateLimitDefense,
     BudgetDefense,
     PradaDefense,
+    OodDefense,
 ):
     GATEWAY_DEFENSES.add(_cls.name, _cls.from_spec, help=(_cls.__doc__ or "").strip())

@@ -4,9 +4,20 @@ from modelshield.scan.probe import (
     dp_claim,
     evasion,
     evasion_blackbox,
+    extraction,
     membership,
     model_file,
     privacy_more,
+    watermark,
 )
 
-__all__ = ["dp_claim", "evasion", "evasion_blackbox", "membership", "model_file", "privacy_more"]
+__all__ = [
+    "dp_claim",
+    "evasion",
+    "evasion_blackbox",
+    "extraction",
+    "membership",
+    "model_file",
+    "privacy_more",
+    "watermark",
+]

@@ -1,0 +1,194 @@
+"""``modelshield watermark embed`` and ``watermark verify``: trigger-set watermarking
+(Adi et al., USENIX Security 2018)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+
+def _parse(opts: dict[str, Any]) -> dict[str, Any]:
+    from modelshield.cli.main import _parse_model_opts
+
+    opts.setdefault("bounds", "0,1")
+    opts.setdefault("mean", None)
+    opts.setdefault("std", None)
+    return _parse_model_opts(opts)
+
+
+def _p(p: float) -> str:
+    return "< 1e-300" if p <= 0 else f"{p:.3g}"
+
+
+@click.group("watermark")
+def watermark_group() -> None:
+    """Mark a model as yours, and later check a suspect model or API for the mark."""
+
+
+@watermark_group.command(
+    "embed", short_help="Embed a new secret trigger-set watermark into a model."
+)
+@click.option(
+    "--model",
+    "model",
+    type=click.Path(dir_okay=False),
+    help="Model to mark by fine-tuning (omit to train --arch from scratch with the mark).",
+)
+@click.option("--train-data", "train_data", required=True, type=click.Path(), help="Training data.")
+@click.option(
+    "--data", "data", type=click.Path(), help="Test data: clean accuracy before and after."
+)
+@click.option(
+    "--key",
+    "key",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the NEW secret key (JSON, mode 0600); an existing file is kept unless --force.",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Writes model.pt2, model.pt, result.json, report.html, report.json here.",
+)
+@click.option(
+    "--arch",
+    help="Architecture: for a state_dict --model, or to train from scratch without --model "
+    "(mlp, cnn, small_cnn, resnet18 or package.module:factory).",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True, help="Adam learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--triggers",
+    type=click.IntRange(min=1, max=100_000),
+    default=100,
+    show_default=True,
+    help="Number of trigger inputs in the key.",
+)
+@click.option(
+    "--trigger-kind",
+    type=click.Choice(["noise", "patterns"]),
+    default="noise",
+    show_default=True,
+    help="Trigger inputs: uniform noise, or abstract shapes (image inputs only).",
+)
+@click.option(
+    "--significance",
+    type=float,
+    default=1e-6,
+    show_default=True,
+    help="Significance of the verification run on the marked model.",
+)
+@click.option("--bounds", default="0,1", show_default=True, help="Input value range LOW,HIGH.")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the training (the key's secret is always drawn from the OS).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Allow loading a full-pickle model file (this runs code from the file).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing key file (the old key is lost).")
+def embed_cmd(**opts: Any) -> None:
+    """Embed a new secret trigger-set watermark (Adi et al. 2018) into a model.
+
+    \b
+    Example:
+      modelshield watermark embed --arch small_cnn --train-data train.npz --data test.npz \\
+          --key owner-key.json --out marked
+    """
+    from modelshield.scan.watermark import run_watermark_embed
+
+    s = run_watermark_embed(**_parse(opts))
+    before, after = s["clean_accuracy_before"], s["clean_accuracy_after"]
+    acc = ""
+    if after is not None:
+        acc = f"; clean accuracy {after:.4f}" + (
+            f" (before {before:.4f})" if before is not None else ""
+        )
+    click.echo(
+        f"watermark: {s['matches']}/{s['n_triggers']} triggers, p = {_p(s['p_value'])}, "
+        f"{'verified' if s['verified'] else 'NOT verified'}{acc}"
+    )
+    click.echo(f"key: {s['paths']['key']} (secret; id {s['key_id']})")
+    click.echo(f"model: {s['paths'].get('model', s['paths'].get('state_dict'))}")
+    click.echo(f"report: {s['paths']['html']}")
+
+
+@watermark_group.command(
+    "verify", short_help="Check a suspect model or API for the watermark of a key."
+)
+@click.option(
+    "--model", "model", type=click.Path(dir_okay=False), help="Suspect model file (as for scan)."
+)
+@click.option("--oracle", "oracle", help="Suspect HTTP prediction endpoint instead of a file.")
+@click.option(
+    "--oracle-output",
+    type=click.Choice(["logits", "probs", "label"]),
+    default="probs",
+    show_default=True,
+    help="What the endpoint returns (only the top label is used).",
+)
+@click.option(
+    "--input-field", default="inputs", show_default=True, help="JSON field of the request."
+)
+@click.option(
+    "--output-field",
+    default="outputs",
+    show_default=True,
+    help="JSON field (dotted path) of the endpoint's reply.",
+)
+@click.option(
+    "--key",
+    "key",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The secret key written by 'watermark embed'.",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Writes result.json (p_value, verified), report.html, report.json here.",
+)
+@click.option(
+    "--significance",
+    type=float,
+    default=1e-6,
+    show_default=True,
+    help="Verified when the p-value is below this.",
+)
+@click.option("--arch", help="Architecture for a state_dict --model.")
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Allow loading a full-pickle model file (this runs code from the file).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+def verify_cmd(**opts: Any) -> None:
+    """Check a suspect model or API for the watermark of KEY (exact binomial test).
+
+    \b
+    Example:
+      modelshield watermark verify --oracle http://host/predict --key owner-key.json --out check
+    """
+    from modelshield.scan.watermark import run_watermark_verify
+
+    s = run_watermark_verify(**_parse(opts))
+    click.echo(
+        f"watermark {s['key_id']}: {s['matches']}/{s['n_triggers']} triggers match "
+        f"(chance {s['chance']:.3g}), p = {_p(s['p_value'])}: "
+        f"{'VERIFIED' if s['verified'] else 'not verified'} at {s['significance']:g}"
+    )
+    click.echo(f"result: {s['paths']['result']}")
+    click.echo(f"report: {s['paths']['html']}")
