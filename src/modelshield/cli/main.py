@@ -17,7 +17,7 @@ import click
 
 from modelshield import __version__
 from modelshield.cli.dp import audit_dp_cmd, train_cmd
-from modelshield.cli.options import executor_options
+from modelshield.cli.options import endpoint_options, executor_options
 from modelshield.cli.serve import serve_cmd
 from modelshield.cli.steal import steal_cmd
 from modelshield.cli.watermark import watermark_group
@@ -316,25 +316,7 @@ def scan_cmd(**opts: Any) -> None:
     "oracle_url",
     help="Attack an HTTP prediction endpoint instead (black-box attacks only).",
 )
-@click.option(
-    "--oracle-output",
-    type=click.Choice(["logits", "probs", "label"]),
-    default="probs",
-    show_default=True,
-    help="What the endpoint returns.",
-)
-@click.option(
-    "--input-field",
-    default="inputs",
-    show_default=True,
-    help="JSON field of the endpoint's request.",
-)
-@click.option(
-    "--output-field",
-    default="outputs",
-    show_default=True,
-    help="JSON field (dotted path) of the endpoint's reply.",
-)
+@endpoint_options("What the endpoint returns.")
 @click.option(
     "--data",
     "data",

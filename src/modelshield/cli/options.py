@@ -32,3 +32,35 @@ def executor_options(where: str) -> Callable[[Callable[..., Any]], Callable[...,
         return fn
 
     return deco
+
+
+def endpoint_options(output_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--oracle-output``, ``--input-field``, ``--output-field``: how to talk to an endpoint."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        options = [
+            click.option(
+                "--oracle-output",
+                type=click.Choice(["logits", "probs", "label"]),
+                default="probs",
+                show_default=True,
+                help=output_help,
+            ),
+            click.option(
+                "--input-field",
+                default="inputs",
+                show_default=True,
+                help="JSON field of the endpoint's request.",
+            ),
+            click.option(
+                "--output-field",
+                default="outputs",
+                show_default=True,
+                help="JSON field (dotted path) of the endpoint's reply.",
+            ),
+        ]
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return deco

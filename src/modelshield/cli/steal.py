@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from modelshield.cli.options import endpoint_options
+
 
 @click.command("steal")
 @click.option(
@@ -53,22 +55,7 @@ import click
     show_default=True,
     help="Knockoff sampling: uniform, or the paper's gradient bandit over pool classes/clusters.",
 )
-@click.option(
-    "--oracle-output",
-    type=click.Choice(["probs", "logits", "label"]),
-    default="probs",
-    show_default=True,
-    help="What the endpoint returns; for a model file, what the attacker is shown.",
-)
-@click.option(
-    "--input-field", default="inputs", show_default=True, help="JSON field of the request."
-)
-@click.option(
-    "--output-field",
-    default="outputs",
-    show_default=True,
-    help="JSON field (dotted path) of the reply.",
-)
+@endpoint_options("What the endpoint returns; for a model file, what the attacker is shown.")
 @click.option(
     "--input-shape", help="Per-sample input shape, e.g. 1,8,8 (when no data or model says it)."
 )

@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from modelshield.cli.options import endpoint_options
+
 
 def _parse(opts: dict[str, Any]) -> dict[str, Any]:
     from modelshield.cli.main import _parse_model_opts
@@ -130,22 +132,7 @@ def embed_cmd(**opts: Any) -> None:
     "--model", "model", type=click.Path(dir_okay=False), help="Suspect model file (as for scan)."
 )
 @click.option("--oracle", "oracle", help="Suspect HTTP prediction endpoint instead of a file.")
-@click.option(
-    "--oracle-output",
-    type=click.Choice(["logits", "probs", "label"]),
-    default="probs",
-    show_default=True,
-    help="What the endpoint returns (only the top label is used).",
-)
-@click.option(
-    "--input-field", default="inputs", show_default=True, help="JSON field of the request."
-)
-@click.option(
-    "--output-field",
-    default="outputs",
-    show_default=True,
-    help="JSON field (dotted path) of the endpoint's reply.",
-)
+@endpoint_options("What the endpoint returns (only the top label is used).")
 @click.option(
     "--key",
     "key",

@@ -248,6 +248,13 @@ class Evaluation:
 
 
 # -- the copy ----------------------------------------------------------------------------------
+def arch_label(arch: Any, input_shape: Sequence[int]) -> str:
+    """The copy's architecture as results record it (a name, or ``"callable"``)."""
+    if isinstance(arch, str):
+        return arch
+    return default_arch(input_shape) if arch is None else "callable"
+
+
 def default_arch(input_shape: Sequence[int]) -> str:
     """``small_cnn`` for images ``(C, H, W)``, ``mlp`` for everything else."""
     return "small_cnn" if len(tuple(input_shape)) == 3 else "mlp"

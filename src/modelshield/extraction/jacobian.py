@@ -42,12 +42,12 @@ from modelshield.extraction.base import (
     ArchSpec,
     Evaluation,
     Victim,
+    arch_label,
     check_budget,
     check_inputs,
     check_positive_float,
     check_positive_int,
     copy_factory,
-    default_arch,
     resolve_num_classes,
     train_copy,
 )
@@ -136,11 +136,7 @@ def jacobian_augmentation(
         input_shape,
     )
     gen = make_generator(seed)
-    arch_name = (
-        arch
-        if isinstance(arch, str)
-        else (default_arch(input_shape) if arch is None else "callable")
-    )
+    arch_name = arch_label(arch, input_shape)
 
     before = oracle.queries_used
     x_all = seed_x.detach().cpu().clamp(low, high)

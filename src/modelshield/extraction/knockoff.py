@@ -49,6 +49,7 @@ from modelshield.extraction.base import (
     ArchSpec,
     Evaluation,
     Victim,
+    arch_label,
     as_targets,
     check_budget,
     check_checkpoints,
@@ -56,7 +57,6 @@ from modelshield.extraction.base import (
     check_positive_float,
     check_positive_int,
     copy_factory,
-    default_arch,
     resolve_num_classes,
     soft_outputs,
     train_copy,
@@ -292,11 +292,7 @@ def knockoff(
         input_shape,
     )
     gen = make_generator(seed)
-    arch_name = (
-        arch
-        if isinstance(arch, str)
-        else (default_arch(input_shape) if arch is None else "callable")
-    )
+    arch_name = arch_label(arch, input_shape)
     make: Callable[[], nn.Module] | None = copy_factory(arch, input_shape, k) if k else None
 
     xs: list[Tensor] = []
