@@ -38,7 +38,17 @@ def _probs(n: int = 200, c: int = 10, seed: int = 0) -> torch.Tensor:
 def test_registry_lists_every_defence() -> None:
     assert get_registry("gateway-defenses") is GATEWAY_DEFENSES
     assert GATEWAY_DEFENSES.names() == sorted(
-        ["budget", "label-only", "noise", "prada", "rate", "reverse-sigmoid", "round", "top-k"]
+        [
+            "budget",
+            "label-only",
+            "noise",
+            "ood",
+            "prada",
+            "rate",
+            "reverse-sigmoid",
+            "round",
+            "top-k",
+        ]
     )
     assert all(GATEWAY_DEFENSES.describe(n) for n in GATEWAY_DEFENSES.names())
 

@@ -572,9 +572,10 @@ class PradaDefense(DetectorDefense):
     Each client's queries feed a :class:`~modelshield.serve.detector.PradaMonitor`; when
     the Shapiro–Wilk ``W`` of its distance list falls below ``delta`` the client is
     flagged (logged as a warning, shown in ``GET /stats``). With ``action="block"`` a
-    flagged client's later requests, and the request that flagged it, get HTTP 403 (code
-    ``extraction_suspected``). Its admission check only enforces blocks; the detection
-    runs in :meth:`observe`, after the model has predicted the classes.
+    flagged client's later requests, the request that flagged it and any of its requests
+    still in flight get HTTP 403 (code ``extraction_suspected``). Its admission check only
+    enforces blocks; the detection runs in :meth:`observe`, after the model has predicted
+    the classes.
     """
 
     name = "prada"
@@ -638,6 +639,8 @@ class PradaDefense(DetectorDefense):
     ) -> Rejection | None:
         """Feed the client's inputs and predicted classes; a block if this flags it."""
         mon = self.monitor(client)
+        if mon.flagged and self.action == "block":  # flagged while this one was in flight
+            return self._blocked()
         if mon.update(x, labels):
             last = mon.last
             logger.warning(
@@ -711,7 +714,8 @@ class OodDefense(DetectorDefense):
     in-distribution data from a user. ``reference`` holds the benign inputs (e.g. the
     owner's validation data; ``modelshield serve --reference-data PATH``); without it the
     gateway refuses to start. With ``action="block"`` a flagged client's later requests,
-    and the request that flagged it, get HTTP 403 (code ``extraction_suspected``).
+    the request that flagged it and any of its requests still in flight get HTTP 403
+    (code ``extraction_suspected``).
     """
 
     name = "ood"
@@ -837,6 +841,8 @@ class OodDefense(DetectorDefense):
     ) -> Rejection | None:
         """Feed the answered batch's probabilities and classes; a block if this flags it."""
         mon = self.monitor(client)
+        if mon.flagged and self.action == "block":  # flagged while this one was in flight
+            return self._blocked()
         if mon.update(probs, labels):
             logger.warning(
                 "ood monitor flagged client %r after %d queries (%s test, p=%.3g below its "
