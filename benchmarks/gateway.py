@@ -117,6 +117,7 @@ def setup(seed: int, epochs: int) -> dict[str, Any]:
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     train, test, attacker = perm[:900], perm[900:1350], perm[1350:]
     t0 = time.perf_counter()
+    torch.manual_seed(seed)  # the initial weights: torch seeds each process at random
     net = train_classifier(
         build("small_cnn", (1, 8, 8), 10), data.x[train], data.y[train], epochs=epochs, seed=seed
     )
