@@ -26,7 +26,12 @@ def train_classifier(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """Train ``module`` with Adam and cross-entropy; the same seed gives the same weights."""
+    """Train ``module`` with Adam and cross-entropy.
+
+    The same seed and the same initial module give the same weights. ``seed`` drives only
+    the batch order and dropout: seed torch (``seed_everything``) before building the
+    module too, since torch seeds each process at random.
+    """
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise InvalidConfigError(
             f"epochs, batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}"
