@@ -363,3 +363,26 @@ class WatermarkVerdict(Result):
     verified: bool = False
     access: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PoisonResult(Result):
+    """A poisoning attack on a data set, or a detector's verdict on one.
+
+    ``indices``: the samples the attack changed (attack) or flagged (detector).
+    ``clean_accuracy`` / ``attack_success_rate``: a model trained on the data, on clean test
+    inputs and on triggered test inputs of non-target classes (ASR). ``precision`` /
+    ``recall``: of the flagged indices against the attack's record, when it is known.
+    """
+
+    result_type: ClassVar[str] = "poison"
+
+    method: str = ""
+    target_class: int | None = None
+    rate: float = 0.0
+    indices: list[int] = field(default_factory=list)
+    clean_accuracy: float | None = None
+    attack_success_rate: float | None = None
+    precision: float | None = None
+    recall: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
