@@ -67,13 +67,17 @@ class Classifier:
         return t
 
     # -- forward ---------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch ``x`` of shape ``(N, *input_shape)``; differentiable."""
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` normalised as the module expects it (``(x - mean) / std``, when set)."""
         if self._mean is not None:
             x = x - self._mean.to(x.dtype)
         if self._std is not None:
             x = x / self._std.to(x.dtype)
-        out = self.module(x)
+        return x
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch ``x`` of shape ``(N, *input_shape)``; differentiable."""
+        out = self.module(self.preprocess(x))
         if isinstance(out, (tuple, list)):
             out = out[0]
         if not isinstance(out, torch.Tensor) or out.ndim != 2:

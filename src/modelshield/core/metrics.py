@@ -8,7 +8,7 @@ needed at run time; tests check them against SciPy.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -323,3 +323,26 @@ def bootstrap_ci(
     q = torch.tensor([alpha / 2, 1.0 - alpha / 2], dtype=torch.float64)
     lo, hi = torch.quantile(stats, q).tolist()
     return float(lo), float(hi)
+
+
+def precision_recall(
+    flagged: Sequence[int] | torch.Tensor, truth: Sequence[int] | torch.Tensor, n: int
+) -> tuple[float, float]:
+    """Precision and recall of ``flagged`` sample indices against the ``truth`` indices
+    among ``n`` samples. Precision is 1 when nothing is flagged (no false alarm), recall
+    is 1 when there is nothing to find."""
+    f = torch.as_tensor(flagged, dtype=torch.long).flatten()
+    t = torch.as_tensor(truth, dtype=torch.long).flatten()
+    for name, v in (("flagged", f), ("truth", t)):
+        if v.numel() and (int(v.min()) < 0 or int(v.max()) >= n):
+            raise InvalidConfigError(
+                f"{name} indices must lie in [0, {n}), got {v.min()}..{v.max()}"
+            )
+    mf = torch.zeros(n, dtype=torch.bool)
+    mt = torch.zeros(n, dtype=torch.bool)
+    mf[f] = True
+    mt[t] = True
+    hit = int((mf & mt).sum())
+    precision = hit / int(mf.sum()) if bool(mf.any()) else 1.0
+    recall = hit / int(mt.sum()) if bool(mt.any()) else 1.0
+    return precision, recall
