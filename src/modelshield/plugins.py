@@ -10,6 +10,7 @@ BUILTIN_MODULES = (
     "modelshield.evasion",
     "modelshield.exec",
     "modelshield.extraction",
+    "modelshield.poisoning",
     "modelshield.privacy.audit",
     "modelshield.privacy.dp_audit",
     "modelshield.scan.probe",

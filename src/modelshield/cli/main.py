@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -17,7 +17,8 @@ import click
 
 from modelshield import __version__
 from modelshield.cli.dp import audit_dp_cmd, train_cmd
-from modelshield.cli.options import endpoint_options, executor_options
+from modelshield.cli.options import endpoint_options, executor_options, model_options
+from modelshield.cli.poison import audit_data_cmd, poison_cmd
 from modelshield.cli.serve import serve_cmd
 from modelshield.cli.steal import steal_cmd
 from modelshield.cli.watermark import watermark_group
@@ -110,41 +111,6 @@ class _Group(click.Group):
             if debug:
                 raise
             _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
-
-
-def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The options that say how to load a model, shared by every command that loads one."""
-    options = [
-        click.option(
-            "--seed", type=int, default=0, show_default=True, help="Seed for every random choice."
-        ),
-        click.option(
-            "--device",
-            default="auto",
-            show_default=True,
-            help="auto (cuda if available), cpu, cuda, cuda:N or mps.",
-        ),
-        click.option(
-            "--trust-pickle",
-            is_flag=True,
-            help="Allow loading a full-pickle model file (this runs code from the file).",
-        ),
-        click.option(
-            "--arch",
-            help="Architecture for a state_dict file: 'package.module:factory' or a built-in name.",
-        ),
-        click.option(
-            "--bounds", default="0,1", show_default=True, help="Input value range LOW,HIGH."
-        ),
-        click.option(
-            "--mean",
-            help="Per-channel normalisation mean applied by the model adapter, e.g. 0.49,0.48,0.45.",
-        ),
-        click.option("--std", help="Per-channel normalisation std, e.g. 0.25,0.24,0.26."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -492,7 +458,7 @@ def certify_cmd(**opts: Any) -> None:
 
 @cli.group("audit")
 def audit_group() -> None:
-    """Audit a model for privacy leaks."""
+    """Audit a model for privacy leaks, or its training data for poison."""
 
 
 @audit_group.command("membership")
@@ -650,6 +616,8 @@ cli.add_command(serve_cmd)
 cli.add_command(steal_cmd)
 cli.add_command(watermark_group)
 audit_group.add_command(audit_dp_cmd)
+cli.add_command(poison_cmd)
+audit_group.add_command(audit_data_cmd)
 
 
 @cli.command("list")

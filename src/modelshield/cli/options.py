@@ -64,3 +64,38 @@ def endpoint_options(output_help: str) -> Callable[[Callable[..., Any]], Callabl
         return fn
 
     return deco
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that say how to load a model, shared by every command that loads one."""
+    options = [
+        click.option(
+            "--seed", type=int, default=0, show_default=True, help="Seed for every random choice."
+        ),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            help="auto (cuda if available), cpu, cuda, cuda:N or mps.",
+        ),
+        click.option(
+            "--trust-pickle",
+            is_flag=True,
+            help="Allow loading a full-pickle model file (this runs code from the file).",
+        ),
+        click.option(
+            "--arch",
+            help="Architecture for a state_dict file: 'package.module:factory' or a built-in name.",
+        ),
+        click.option(
+            "--bounds", default="0,1", show_default=True, help="Input value range LOW,HIGH."
+        ),
+        click.option(
+            "--mean",
+            help="Per-channel normalisation mean applied by the model adapter, e.g. 0.49,0.48,0.45.",
+        ),
+        click.option("--std", help="Per-channel normalisation std, e.g. 0.25,0.24,0.26."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn

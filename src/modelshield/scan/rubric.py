@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-RUBRIC_VERSION = "2026.11-6"
+RUBRIC_VERSION = "2026.11-8"
 
 GRADES = {
     "A": "no practical weakness found at the tested strength",
@@ -143,6 +143,22 @@ def grade_extraction(fidelity: float) -> tuple[str, str]:
     return _grade_at_most(fidelity, EXTRACTION_THRESHOLDS, "copy fidelity at the probe's budget")
 
 
+# Poisoning: the share of the training data the detectors flag as suspected poison, and
+# the attack success rate a small BadNets poison rate reaches in a quick retrain.
+POISON_FLAGGED_THRESHOLDS = (("A", 0.0), ("B", 0.01), ("C", 0.03), ("D", 0.10))
+SUSCEPTIBILITY_THRESHOLDS = (("A", 0.10), ("B", 0.30), ("C", 0.60), ("D", 0.90))
+
+
+def grade_poison_flagged(fraction: float) -> tuple[str, str]:
+    """Grade training data by the share of it the detectors flag as poison."""
+    return _grade_at_most(fraction, POISON_FLAGGED_THRESHOLDS, "share of training data flagged")
+
+
+def grade_susceptibility(asr: float) -> tuple[str, str]:
+    """Grade how easily the training pipeline takes a backdoor: ASR at a small poison rate."""
+    return _grade_at_most(asr, SUSCEPTIBILITY_THRESHOLDS, "backdoor attack success rate")
+
+
 def rubric_document() -> dict[str, Any]:
     """The rubric as the report embeds it."""
     evasion = "; ".join(f"{g}: r >= {t:.2f}" for g, t in EVASION_THRESHOLDS) + "; F: below"
@@ -169,6 +185,11 @@ def rubric_document() -> dict[str, Any]:
         + "; F: above. Extraction: fidelity (top-1 agreement with the model) of a knockoff copy "
         "at the probe's query budget; "
         + "; ".join(f"{g}: <= {t:.2f}" for g, t in EXTRACTION_THRESHOLDS)
+        + "; F: above. Data poisoning: share of the training data flagged by the detectors; "
+        + "; ".join(f"{g}: <= {t:g}" for g, t in POISON_FLAGGED_THRESHOLDS)
+        + "; F: above. Poisoning susceptibility: attack success rate of a BadNets backdoor "
+        "planted with the probe's small poison rate in a quick retrain; "
+        + "; ".join(f"{g}: <= {t:.2f}" for g, t in SUSCEPTIBILITY_THRESHOLDS)
         + "; F: above. Watermark verification is informational (an ownership check)."
     )
     return {"version": RUBRIC_VERSION, "text": text, "grades": dict(GRADES)}

@@ -7,6 +7,7 @@ from modelshield.scan.probe import (
     extraction,
     membership,
     model_file,
+    poisoning,
     privacy_more,
     watermark,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "extraction",
     "membership",
     "model_file",
+    "poisoning",
     "privacy_more",
     "watermark",
 ]

@@ -1,0 +1,169 @@
+"""``modelshield poison`` and ``modelshield audit data`` (issue 8)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from modelshield.cli.options import model_options
+
+
+def _unit_interval(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not 0 < value < 1:
+        raise click.BadParameter(f"must be in (0, 1), got {value}")
+    return value
+
+
+@click.command("poison")
+@click.option(
+    "--method",
+    type=click.Choice(["label-flip", "badnets", "blended", "clean-label"]),
+    required=True,
+    help="label-flip (random, or targeted with --target-class); badnets: corner patch "
+    "(Gu et al. 2017); blended: noise key at --alpha (Chen et al. 2017); clean-label: "
+    "PGD-perturbed target-class samples with a four-corner patch (Turner et al. 2019).",
+)
+@click.option(
+    "--rate",
+    type=float,
+    required=True,
+    callback=_unit_interval,
+    help="Fraction of the data set to poison, in (0, 1).",
+)
+@click.option(
+    "--target-class",
+    type=click.IntRange(min=0),
+    help="The class the backdoor (or targeted flip) aims at.",
+)
+@click.option(
+    "--source-class",
+    type=click.IntRange(min=0),
+    help="Poison only samples of this class (default: every non-target class).",
+)
+@click.option("--data", "data", required=True, type=click.Path(), help="The clean data set.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The poisoned data set (.npz); the record goes beside it as NAME.poison.json.",
+)
+@click.option(
+    "--trigger-size",
+    type=click.IntRange(min=1),
+    help="Patch side in pixels (default: about a ninth of the image side, at least 2).",
+)
+@click.option(
+    "--corners", type=click.Choice(["1", "4"]), help="Patch in 1 or all 4 corners (clean-label: 4)."
+)
+@click.option(
+    "--alpha", type=float, callback=_unit_interval, help="blended: weight of the key (0.2)."
+)
+@click.option(
+    "--eps", type=float, help="clean-label: L∞ bound of the perturbation (16/255 of the range)."
+)
+@click.option("--steps", type=click.IntRange(min=1), help="clean-label: PGD steps (20).")
+@click.option(
+    "--surrogate",
+    type=click.Path(dir_okay=False),
+    help="clean-label: model the perturbation is crafted on (default: one trained on --data).",
+)
+@click.option("--surrogate-arch", help="Architecture of a state_dict --surrogate.")
+@click.option("--arch", help="clean-label: architecture of the surrogate trained on --data.")
+@click.option("--label-column", help="CSV label column.")
+@click.option("--bounds", default="0,1", show_default=True, help="Input value range LOW,HIGH.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--trust-pickle", is_flag=True, help="Allow a full-pickle --surrogate.")
+def poison_cmd(**opts: Any) -> None:
+    """Poison a data set for red-teaming: writes the poisoned .npz and its record.
+
+    \b
+    Examples:
+      modelshield poison --method badnets --rate 0.1 --target-class 0 --data train.npz --out poisoned.npz
+      modelshield poison --method label-flip --rate 0.05 --data train.npz --out flipped.npz
+    """
+    from modelshield.cli.main import _parse_model_opts
+    from modelshield.scan.poison import run_poison
+
+    opts.update(mean=None, std=None, model=None)
+    if opts["corners"] is not None:
+        opts["corners"] = int(opts["corners"])
+    s = run_poison(**_parse_model_opts(opts))
+    target = "" if s["target_class"] is None else f" (target class {s['target_class']})"
+    click.echo(
+        f"{s['method']}: poisoned {len(s['indices'])} of {s['details']['n']} samples{target}"
+    )
+    click.echo(f"data: {s['paths']['data']}")
+    click.echo(f"record: {s['paths']['record']}")
+
+
+@click.command("data")
+@click.option(
+    "--train-data", "train_data", required=True, type=click.Path(), help="The data to audit."
+)
+@click.option(
+    "--model",
+    "model",
+    type=click.Path(dir_okay=False),
+    help="A model trained on it (default: one is trained here to read activations from).",
+)
+@click.option(
+    "--truth",
+    type=click.Path(dir_okay=False),
+    help="The poison record (NAME.poison.json) or a JSON list of indices: adds precision and recall.",
+)
+@click.option(
+    "--data",
+    "data",
+    type=click.Path(),
+    help="Clean held-out data (STRIP's overlays and threshold).",
+)
+@click.option(
+    "--detector",
+    multiple=True,
+    type=click.Choice(["activation-clustering", "spectral", "strip"]),
+    help="Repeatable (default: activation-clustering and spectral); flagged = their union.",
+)
+@click.option(
+    "--expected-rate",
+    type=float,
+    help="spectral: the expected poison fraction ε of Tran et al.'s rule (flag 1.5·ε·n per class).",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Training epochs when no --model is given.",
+)
+@click.option("--label-column", help="CSV label column.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Writes result.json, clean.npz (without the flagged samples), report.html/json.",
+)
+@model_options
+def audit_data_cmd(**opts: Any) -> None:
+    """Find poisoned samples in training data (activation clustering, spectral signatures, STRIP).
+
+    \b
+    Example:
+      modelshield audit data --train-data poisoned.npz --model model.pt2 --truth poisoned.poison.json --out audit
+    """
+    from modelshield.cli.main import _parse_model_opts
+    from modelshield.scan.poison import run_audit_data
+
+    s = run_audit_data(**_parse_model_opts(opts))
+    pr = (
+        f", precision {s['precision']:.3f}, recall {s['recall']:.3f}"
+        if s["precision"] is not None
+        else ""
+    )
+    click.echo(f"flagged {len(s['flagged'])} of {s['n']} samples{pr}")
+    click.echo(f"result: {s['paths']['result']}")
+    click.echo(f"clean data: {s['paths']['clean']}")
+    click.echo(f"report: {s['paths']['html']}")
