@@ -377,8 +377,9 @@ def strip_entropy(
     seed: int = 0,
     batch_size: int = 512,
 ) -> Tensor:
-    """Mean prediction entropy of each input superimposed (averaged 50/50) with
-    ``n_overlays`` random inputs of the clean ``pool`` (Gao et al. 2019)."""
+    """Mean prediction entropy of each input superimposed with ``n_overlays`` random
+    inputs of the clean ``pool`` (Gao et al. 2019 add the two images, saturating at the
+    bounds: a trigger keeps its strength, the content of both images stays visible)."""
     if n_overlays < 1:
         raise InvalidConfigError(f"n_overlays must be >= 1, got {n_overlays}")
     if len(pool) == 0:
@@ -388,7 +389,8 @@ def strip_entropy(
     for i in range(0, len(x), max(1, batch_size // n_overlays)):
         xb = x[i : i + max(1, batch_size // n_overlays)]
         pick = torch.randint(len(pool), (len(xb), n_overlays), generator=g)
-        mixed = 0.5 * xb[:, None] + 0.5 * pool[pick]
+        low, high = model.bounds
+        mixed = (xb[:, None] + pool[pick] - low).clamp(low, high)
         logits = model.logits(mixed.flatten(0, 1).to(model.device)).cpu()
         out[i : i + len(xb)] = _entropy(logits).view(len(xb), n_overlays).mean(1)
     return out
