@@ -163,3 +163,51 @@ def test_audit_data_refuses_a_truth_for_another_data_set(
         str(out),
     )
     assert_one_line_error(r, "99999")
+
+
+def test_harden_fine_prune_weakens_the_backdoor_and_writes_a_loadable_model(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    from modelshield.core.loading import load_model
+    from modelshield.poisoning import poison as poison_data
+
+    train = load_dataset(str(files["train"]))
+    test = load_dataset(str(files["test"]))
+    p = poison_data("badnets", train, rate=0.1, target_class=0, seed=0)
+    model = train_model(p.dataset, arch="small_cnn", epochs=40, seed=0)
+    program = torch.export.export(
+        model.module, (train.x[:2],), dynamic_shapes=({0: torch.export.Dim("b", min=1, max=4096)},)
+    )
+    torch.export.save(program, str(tmp_path / "m.pt2"))
+    (tmp_path / "rec.poison.json").write_text(json.dumps(p.record.to_dict()))
+    tune, held = test.split(0.5, seed=1)
+    tune.to_npz(tmp_path / "tune.npz")
+    held.to_npz(tmp_path / "held.npz")
+    out = tmp_path / "pruned"
+    r = run_cli(
+        "harden", "fine-prune", "--model", str(tmp_path / "m.pt2"), "--data", str(tmp_path / "tune.npz"),
+        "--test-data", str(tmp_path / "held.npz"), "--poison-record", str(tmp_path / "rec.poison.json"),
+        "--epochs", "20", "--lr", "1e-3", "--out", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "result.json").read_text())
+    assert res["before"]["attack_success_rate"] > 0.9
+    assert res["after"]["attack_success_rate"] < res["before"]["attack_success_rate"] - 0.1
+    assert res["after"]["clean_accuracy"] >= res["before"]["clean_accuracy"] - 0.05
+    assert res["fine_pruning"]["pruned"] > 0
+    validate_report(json.loads((out / "report.json").read_text()))
+    again = load_model(str(out / "model.pt2")).classifier
+    assert again is not None
+    assert again.accuracy(held.x, held.y) == pytest.approx(res["after"]["clean_accuracy"], abs=1e-6)
+
+
+def test_fine_prune_needs_test_data_for_a_poison_record(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    (tmp_path / "rec.json").write_text("{}")
+    r = run_cli(
+        "harden", "fine-prune", "--model", str(tmp_path / "missing.pt2"), "--data", str(files["test"]),
+        "--poison-record", str(tmp_path / "rec.json"), "--out", str(tmp_path / "o"),
+    )  # fmt: skip
+    assert_one_line_error(r, "--test-data")
+    assert not (tmp_path / "o" / "result.json").exists()

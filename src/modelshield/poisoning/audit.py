@@ -103,12 +103,33 @@ def audit_training_data(
     return out
 
 
+_NORM_OPS = ("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default")
+
+
+def _graph_norm_targets(module: nn.Module) -> dict[str, float]:
+    """In an exported graph, the attributes its batch-norm nodes read and their fresh
+    values: weight 1, bias 0, running mean 0, running variance 1 (PyTorch's defaults)."""
+    inner = getattr(module, "program", module)
+    if not isinstance(inner, torch.fx.GraphModule):
+        return {}
+    out: dict[str, float] = {}
+    for node in inner.graph.nodes:
+        if node.op == "call_function" and str(node.target) in _NORM_OPS:
+            for arg, value in zip(node.args[1:5], (1.0, 0.0, 0.0, 1.0), strict=False):
+                if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                    prefix = "program." if inner is not module else ""
+                    out[prefix + str(arg.target)] = value
+    return out
+
+
 def fresh_copy(module: nn.Module, seed: int = 0) -> nn.Module:
     """The same architecture with new random weights (PyTorch's default initialisation).
 
     Modules re-initialise through their ``reset_parameters``; a graph without submodules
     (a ``torch.export`` program) gets Kaiming-uniform weights and fan-in-uniform biases,
-    PyTorch's defaults for linear and convolutional layers.
+    PyTorch's defaults for linear and convolutional layers, and its batch-norm layers get
+    weight 1, bias 0, mean 0, variance 1. (An exported graph runs batch norm in inference
+    mode, so the copy trains without batch statistics.)
     """
     torch.manual_seed(seed)
     clone = clone_module(module)
@@ -119,18 +140,24 @@ def fresh_copy(module: nn.Module, seed: int = 0) -> nn.Module:
             fn()
             reset = True
     if not reset:
-        params = list(clone.parameters())
+        params = list(clone.named_parameters())
         if not params:
             raise UnsupportedModelError("the model has no parameters to retrain")
+        norms = _graph_norm_targets(clone)
         with torch.no_grad():
             fan_in = 1
-            for p in params:
-                if p.ndim >= 2:
+            for name, p in params:
+                if name in norms:
+                    p.fill_(norms[name])
+                elif p.ndim >= 2:
                     nn.init.kaiming_uniform_(p, a=math.sqrt(5))
                     fan_in = int(p[0].numel())
                 else:
                     bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
                     nn.init.uniform_(p, -bound, bound)
+            for name, b in clone.named_buffers():
+                if name in norms:
+                    b.fill_(norms[name])
     for p in clone.parameters():
         p.requires_grad_(True)
     return clone

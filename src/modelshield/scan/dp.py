@@ -100,23 +100,30 @@ def _accuracy(module: nn.Module, data: Dataset | None, device: torch.device) -> 
 
 
 def _serialize(module: nn.Module, example: torch.Tensor) -> dict[str, bytes]:
-    """``model.pt`` (weights only) and ``model.pt2`` (torch.export, any batch size) as bytes,
-    so the report can name the file's sha256 before anything is written."""
+    """``model.pt`` (weights) and ``model.pt2`` (torch.export, any batch size) as bytes.
+
+    A model loaded from a ``.pt2`` file keeps its program's batch range, which an explicit
+    ``Dim("batch", max=2**20)`` can violate; ``Dim.DYNAMIC`` lets torch infer the range.
+    """
     module = module.cpu().eval()
     blobs: dict[str, bytes] = {}
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
     blobs["model.pt"] = buf.getvalue()
-    try:
-        batch = torch.export.Dim("batch", min=1, max=1 << 20)
-        program = torch.export.export(module, (example[:2].cpu(),), dynamic_shapes=({0: batch},))
-        buf = io.BytesIO()
-        torch.export.save(program, buf)
+    errors = []
+    for batch in (torch.export.Dim("batch", min=1, max=1 << 20), torch.export.Dim.DYNAMIC):
+        try:
+            program = torch.export.export(
+                module, (example[:2].cpu(),), dynamic_shapes=({0: batch},)
+            )
+            buf = io.BytesIO()
+            torch.export.save(program, buf)
+        except Exception as exc:  # an architecture torch.export cannot trace
+            errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            continue
         blobs["model.pt2"] = buf.getvalue()
-    except Exception as exc:  # a user architecture torch.export cannot trace
-        logger.warning(
-            "could not export model.pt2 (%s); the weights go to model.pt", str(exc).splitlines()[0]
-        )
+        return blobs
+    logger.warning("could not export model.pt2 (%s); the weights go to model.pt", errors[-1])
     return blobs
 
 

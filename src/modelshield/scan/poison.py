@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from modelshield.core.data import Dataset, load_dataset
 from modelshield.core.errors import DataError, InvalidConfigError, UnsupportedModelError
 from modelshield.core.io import atomic_write_json, sha256_file
 from modelshield.core.loading import check_fits
-from modelshield.core.results import PoisonResult
+from modelshield.core.results import PoisonResult, ProbeResult
 from modelshield.poisoning.attacks import POISON_ATTACKS, poison, train_model
 from modelshield.poisoning.audit import audit_training_data
 from modelshield.poisoning.detectors import POISON_DETECTORS
@@ -79,7 +80,7 @@ def run_poison(**opts: Any) -> dict[str, Any]:
         raise InvalidConfigError(f"--method {method} needs --target-class")
     if method not in ("label-flip", "badnets", "blended") and opts.get("source_class") is not None:
         raise InvalidConfigError("--source-class applies to label-flip, badnets and blended")
-    clean_only = ("eps", "steps", "surrogate")
+    clean_only = ("eps", "steps", "surrogate", "robust_surrogate")
     if method != "clean-label":
         for flag in clean_only:
             if opts.get(flag) is not None:
@@ -102,6 +103,10 @@ def run_poison(**opts: Any) -> dict[str, Any]:
             kw["eps"] = opts["eps"]
         if opts.get("steps") is not None:
             kw["steps"] = opts["steps"]
+        if opts.get("robust_surrogate"):
+            if opts.get("surrogate"):
+                raise InvalidConfigError("--robust-surrogate trains a surrogate; drop --surrogate")
+            kw["robust_surrogate"] = True
         if opts.get("surrogate"):
             loaded = _load(
                 {**opts, "model": opts["surrogate"], "arch": opts.get("surrogate_arch")},
@@ -123,6 +128,15 @@ def run_poison(**opts: Any) -> dict[str, Any]:
     summary = rec.to_dict()
     summary["paths"] = {"data": str(out), "record": str(rpath)}
     return summary
+
+
+AUDIT_STEPS = 2000
+"""Optimizer steps (batches of 64) of the model ``audit data`` trains when none is given."""
+
+
+def default_epochs(n: int) -> int:
+    """Epochs that make about :data:`AUDIT_STEPS` steps of 64 over ``n`` samples, in [3, 30]."""
+    return int(min(30, max(3, math.ceil(AUDIT_STEPS * 64 / max(n, 1)))))
 
 
 def load_truth(path: str, n: int) -> list[int]:
@@ -190,6 +204,7 @@ def run_audit_data(**opts: Any) -> dict[str, Any]:
         model_desc = loaded.file.to_dict()
         model_note = ""
     else:
+        opts["epochs"] = opts.get("epochs") or default_epochs(len(train))
         model = train_model(
             train,
             arch=opts.get("arch"),
@@ -252,4 +267,145 @@ def run_audit_data(**opts: Any) -> dict[str, Any]:
         "json": str(written["json"]),
     }
     atomic_write_json(result_path, summary)  # last: its presence means the audit finished
+    return summary
+
+
+def fine_prune_probe_result(
+    info: dict[str, Any], before: dict[str, Any], after: dict[str, Any], *, seed: int
+) -> ProbeResult:
+    """The report section of a fine-pruning: units pruned, accuracy and ASR before/after."""
+    asr_b, asr_a = before.get("attack_success_rate"), after.get("attack_success_rate")
+    rows = [["clean accuracy", f"{before['clean_accuracy']:.4f}", f"{after['clean_accuracy']:.4f}"]]
+    if asr_b is not None and asr_a is not None:
+        rows.append(["attack success rate", f"{asr_b:.4f}", f"{asr_a:.4f}"])
+    asr_text = (
+        f"; the backdoor's attack success rate went from {asr_b:.1%} to {asr_a:.1%}"
+        if asr_b is not None and asr_a is not None
+        else " (no --poison-record: the attack success rate was not measured)"
+    )
+    return ProbeResult(
+        probe="fine-pruning",
+        title="Backdoor removal by fine-pruning",
+        risk="poisoning",
+        status="ok",
+        seed=seed,
+        wall_time=info["wall_time"],
+        config={k: info[k] for k in ("units", "pruned", "fine_tune_epochs")},
+        figure={
+            "name": "attack success rate after" if asr_a is not None else "clean accuracy after",
+            "value": asr_a if asr_a is not None else after["clean_accuracy"],
+        },
+        grade=None,
+        meaning=(
+            f"Pruned {info['pruned']} of {info['units']} penultimate units (least active on clean "
+            f"data first) and fine-tuned for {info['fine_tune_epochs']} epochs: clean accuracy "
+            f"{before['clean_accuracy']:.4f} → {after['clean_accuracy']:.4f}{asr_text}."
+        ),
+        recommendation="Re-scan the pruned model; if a backdoor is suspected in the data, "
+        "retrain without the samples `modelshield audit data` flags.",
+        threat={
+            "attacker": "planted a backdoor through the training data",
+            "attack": "any trigger backdoor",
+            "access": "training data",
+            "rule": "informational: a defence's effect",
+        },
+        details={"fine_pruning": info, "before": before, "after": after},
+        plots=[
+            {
+                "kind": "table",
+                "title": "Before and after",
+                "columns": ["", "before", "after"],
+                "rows": rows,
+            }
+        ],
+    )
+
+
+def run_fine_prune(**opts: Any) -> dict[str, Any]:
+    """Fine-prune ``--model`` with clean ``--data``; write model.pt2, result.json, reports."""
+    from modelshield.poisoning.metrics import evaluate_poisoning
+    from modelshield.poisoning.removal import fine_prune
+    from modelshield.scan.dp import _serialize, _write_blobs
+
+    started, device = _prepare(opts)
+    clean = load_dataset(opts["data"], bounds=opts["bounds"], label_column=opts.get("label_column"))
+    test = (
+        load_dataset(
+            opts["test_data"], bounds=opts["bounds"], label_column=opts.get("label_column")
+        )
+        if opts.get("test_data")
+        else None
+    )
+    record = None
+    if opts.get("poison_record"):
+        if test is None:
+            raise InvalidConfigError(
+                "--poison-record needs --test-data (where the ASR is measured)"
+            )
+        try:
+            record = PoisonResult.from_dict(json.loads(Path(opts["poison_record"]).read_text()))
+        except FileNotFoundError:
+            raise DataError(f"--poison-record {opts['poison_record']}: no such file") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise DataError(
+                f"--poison-record {opts['poison_record']}: not a poison record ({exc})"
+            ) from None
+    loaded = _load(opts, clean.input_shape, device)
+    if loaded.classifier is None:
+        raise UnsupportedModelError(f"fine-pruning needs a torch model, got a {loaded.kind} model")
+    check_fits(loaded, clean.y, "--data")
+    if test is not None:
+        check_fits(loaded, test.y, "--test-data")
+    model = loaded.classifier
+    evaluation = test if test is not None else clean
+
+    def measure(m: Any) -> dict[str, Any]:
+        if record is not None and test is not None:
+            ev = evaluate_poisoning(m, test.x, test.y, record)
+            asr = ev["attack_success_rate"]
+            return {
+                "clean_accuracy": ev["clean_accuracy"]["value"],
+                "attack_success_rate": None if asr is None else asr["value"],
+            }
+        return {
+            "clean_accuracy": m.accuracy(evaluation.x, evaluation.y),
+            "attack_success_rate": None,
+        }
+
+    before = measure(model)
+    pruned, info = fine_prune(
+        model,
+        clean,
+        max_accuracy_drop=opts["max_accuracy_drop"],
+        epochs=opts["epochs"],
+        lr=opts["lr"],
+        seed=opts["seed"],
+    )
+    after = measure(pruned)
+    probe = fine_prune_probe_result(info, before, after, seed=opts["seed"])
+    report = build_report(
+        probes=[probe],
+        run=run_record(
+            opts.get("command", "modelshield harden fine-prune"), opts["seed"], device, started
+        ),
+        target={
+            "model": loaded.file.to_dict(),
+            "data": (test or clean).describe(),
+            "train_data": clean.describe(),
+        },
+        rubric=rubric_document(),
+    )
+    blobs = _serialize(pruned.module, clean.x)  # type: ignore[arg-type]
+    out = Path(opts["out"])
+    paths = _write_blobs(out, blobs)
+    written = write_reports(report, out)
+    summary = {"fine_pruning": info, "before": before, "after": after, "seed": opts["seed"]}
+    result_path = out / "result.json"
+    summary["paths"] = {
+        **paths,
+        "result": str(result_path),
+        "html": str(written["html"]),
+        "json": str(written["json"]),
+    }
+    atomic_write_json(result_path, summary)
     return summary

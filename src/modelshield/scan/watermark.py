@@ -13,13 +13,9 @@ triggers and writes ``result.json`` (``p_value``, ``verified``) and a report.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from pathlib import Path
 from typing import Any
-
-import torch
-from torch import nn
 
 from modelshield.core.errors import InvalidConfigError, UnsupportedModelError
 from modelshield.core.io import atomic_write_json
@@ -28,7 +24,7 @@ from modelshield.core.results import ProbeResult
 from modelshield.core.threat import QueryAccess
 from modelshield.report import build_report, write_reports
 from modelshield.scan.audit import _prepare
-from modelshield.scan.dp import _load_train, _write_blobs
+from modelshield.scan.dp import _load_train, _serialize, _write_blobs
 from modelshield.scan.probe.watermark import verify_probe_result
 from modelshield.scan.rubric import rubric_document
 from modelshield.scan.rundir import run_record
@@ -66,34 +62,6 @@ def _report(
 
 
 # -- embed ------------------------------------------------------------------------------------
-def _serialize(module: nn.Module, example: torch.Tensor) -> dict[str, bytes]:
-    """``model.pt`` (weights) and ``model.pt2`` (torch.export, any batch size) as bytes.
-
-    A model loaded from a ``.pt2`` file keeps its program's batch range, which an explicit
-    ``Dim("batch", max=2**20)`` can violate; ``Dim.DYNAMIC`` lets torch infer the range.
-    """
-    module = module.cpu().eval()
-    blobs: dict[str, bytes] = {}
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
-    blobs["model.pt"] = buf.getvalue()
-    errors = []
-    for batch in (torch.export.Dim("batch", min=1, max=1 << 20), torch.export.Dim.DYNAMIC):
-        try:
-            program = torch.export.export(
-                module, (example[:2].cpu(),), dynamic_shapes=({0: batch},)
-            )
-            buf = io.BytesIO()
-            torch.export.save(program, buf)
-        except Exception as exc:  # an architecture torch.export cannot trace
-            errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            continue
-        blobs["model.pt2"] = buf.getvalue()
-        return blobs
-    logger.warning("could not export model.pt2 (%s); the weights go to model.pt", errors[-1])
-    return blobs
-
-
 def embed_probe_result(
     outcome: EmbedOutcome, key: WatermarkKey, *, from_scratch: bool, seed: int
 ) -> ProbeResult:
