@@ -52,3 +52,7 @@ class OracleError(ModelShieldError):
 
 class ScanStateError(ModelShieldError):
     """A run directory belongs to a different scan and cannot be resumed."""
+
+
+class FederatedError(ModelShieldError):
+    """A federated deployment failed: a Flower process died, timed out or the run failed."""

@@ -1,0 +1,1 @@
+"""Federated learning on Flower: apps, robust aggregation, attacking clients, DP-FL, SecAgg+."""
