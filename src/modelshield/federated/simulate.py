@@ -54,7 +54,12 @@ def simulate(cfg: FLConfig, *, num_cpus: int | None = None) -> dict[str, Any]:
     rounds_file = out / "rounds.json"
     if rounds_file.exists():
         rounds_file.unlink()  # a fresh run: no stale rounds
-    server, client = make_apps(cfg)
+    if cfg.secagg:
+        from modelshield.federated.secagg import make_secagg_apps
+
+        server, client = make_secagg_apps(cfg, os.environ.get("MODELSHIELD_SECAGG_DEBUG", ""))
+    else:
+        server, client = make_apps(cfg)
     quiet_flower()
     run_simulation(
         server_app=server,
@@ -68,5 +73,10 @@ def simulate(cfg: FLConfig, *, num_cpus: int | None = None) -> dict[str, Any]:
     if len(doc["rounds"]) != cfg.rounds + 1:  # round 0 is the initial model
         raise FederatedError(
             f"the simulation stopped after {len(doc['rounds']) - 1} of {cfg.rounds} rounds"
+        )
+    failed = [r["round"] for r in doc["rounds"] if r.get("aggregated") == 0.0]
+    if failed:
+        raise FederatedError(
+            f"secure aggregation produced no aggregate in round(s) {failed} (see the log above)"
         )
     return doc  # type: ignore[no-any-return]
