@@ -121,3 +121,25 @@ def test_central_dp_noise_and_fixed_denominator() -> None:
     assert s.history[-1]["clipped"] == 4
     assert s.history[-1]["epsilon"] == pytest.approx(s.epsilon(1))
     assert math.isfinite(s.epsilon(1)) and s.epsilon(2) > s.epsilon(1)
+
+
+def test_plan_runs_crosses_attacks_and_aggregators() -> None:
+    from modelshield.federated.run import BASELINE, plan_runs
+
+    cfg = FLConfig(num_clients=10, malicious=0.2, attack="backdoor")
+    assert list(plan_runs(cfg, [])) == ["fedavg"]
+    one = plan_runs(cfg, ["fedavg", "median"])
+    assert list(one) == [BASELINE, "fedavg", "median"]
+    assert one[BASELINE].attack == "" and one[BASELINE].malicious == 0.0
+    many = plan_runs(cfg, ["fedavg", "median"], ["backdoor", "sign-flip"])
+    assert list(many) == [
+        BASELINE,
+        "fedavg@backdoor",
+        "median@backdoor",
+        "fedavg@sign-flip",
+        "median@sign-flip",
+    ]
+    assert (
+        many["median@sign-flip"].aggregator == "median"
+        and many["median@sign-flip"].attack == "sign-flip"
+    )

@@ -68,7 +68,9 @@ def fl_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             help="Fraction of malicious clients.",
         ),
         click.option(
-            "--attack", type=click.Choice(list(ATTACKS)), help="What the malicious clients do."
+            "--attack",
+            help=f"What the malicious clients do: {', '.join(ATTACKS)}; several, comma-separated, "
+            "to compare (with --compare: every attack under every aggregator).",
         ),
         click.option(
             "--target-class",
@@ -148,7 +150,7 @@ def fl_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _config(opts: dict[str, Any]) -> tuple[Any, list[str]]:
+def _config(opts: dict[str, Any]) -> tuple[Any, list[str], list[str]]:
     from modelshield.core.errors import InvalidConfigError
     from modelshield.federated.task import FLConfig
 
@@ -158,11 +160,15 @@ def _config(opts: dict[str, Any]) -> tuple[Any, list[str]]:
             raise InvalidConfigError(
                 f"--compare: unknown aggregator {c!r}; known: {', '.join(AGGREGATORS)}"
             )
-    opts["attack"] = opts.get("attack") or ""
+    attacks = [a.strip() for a in (opts.get("attack") or "").split(",") if a.strip()]
+    for a in attacks:
+        if a not in ATTACKS:
+            raise InvalidConfigError(f"--attack: unknown attack {a!r}; known: {', '.join(ATTACKS)}")
+    opts["attack"] = attacks[0] if attacks else ""
     opts["dp"] = opts.get("dp") or ""
     opts["arch"] = opts.get("arch") or ""
     opts["test_data"] = opts.get("test_data") or ""
-    return FLConfig(**opts).validate(), compare
+    return FLConfig(**opts).validate(), compare, attacks
 
 
 def _echo(s: dict[str, Any]) -> None:
@@ -198,8 +204,44 @@ def simulate_cmd(**opts: Any) -> None:
 
     cpus = opts.pop("cpus")
     command = _parse_model_opts({"bounds": "0,1", "mean": None, "std": None})["command"]
-    cfg, compare = _config(opts)
+    cfg, compare, attacks = _config(opts)
     s = run_federated(
-        cfg, compare=compare, runner=lambda c: simulate(c, num_cpus=cpus), command=command
+        cfg,
+        compare=compare,
+        attacks=attacks,
+        runner=lambda c: simulate(c, num_cpus=cpus),
+        command=command,
+    )
+    _echo(s)
+
+
+@fl_group.command("run")
+@fl_options
+@click.option(
+    "--timeout", type=float, help="Seconds the deployment may take (default: 60 + 120 per round)."
+)
+def run_cmd(**opts: Any) -> None:
+    """Run a federation for real: a SuperLink and one SuperNode per client, as separate
+    processes talking gRPC on 127.0.0.1, stopped on exit and on failure.
+
+    \b
+    Example:
+      modelshield fl run --clients 3 --rounds 2 --malicious 0.34 --attack sign-flip \\
+          --aggregator median --out fl-deploy
+    """
+    from modelshield.cli.main import _parse_model_opts
+    from modelshield.federated.deployment import deploy
+    from modelshield.federated.run import run_federated
+
+    timeout = opts.pop("timeout")
+    command = _parse_model_opts({"bounds": "0,1", "mean": None, "std": None})["command"]
+    cfg, compare, attacks = _config(opts)
+    s = run_federated(
+        cfg,
+        compare=compare,
+        attacks=attacks,
+        runner=lambda c: deploy(c, timeout=timeout),
+        command=command,
+        mode="deployment",
     )
     _echo(s)

@@ -182,6 +182,17 @@ def make_server_update(cfg: FLConfig) -> Any:
     return server_update
 
 
+def local_epsilon(cfg: FLConfig, rounds: int) -> float:
+    """Local DP: each client's releases are Gaussian mechanisms of sensitivity ``C`` and
+    noise ``σC``; a client sampled every round composes ``rounds`` of them (no sampling
+    amplification is claimed: the client knows it was sampled)."""
+    from modelshield.privacy.accounting import compute_epsilon
+
+    return compute_epsilon(
+        sample_rate=1.0, noise_multiplier=cfg.noise_multiplier, steps=rounds, delta=cfg.delta
+    )
+
+
 def run_server(grid: Grid, cfg: FLConfig) -> dict[str, Any]:
     """The server's whole run: strategy, rounds, central evaluation, ``rounds.json``."""
     train, _ = train_test(cfg)

@@ -77,18 +77,25 @@ class _Client(NumPyClient):  # type: ignore[misc]
         return arrays, n, {k: float(v) for k, v in metrics.items()}
 
 
-def make_secagg_apps(cfg: FLConfig, debug_dir: str = "") -> tuple[ServerApp, ClientApp]:
-    """ServerApp and ClientApp running ``cfg`` with SecAgg+."""
+def make_secagg_apps(
+    cfg: FLConfig | None = None, debug_dir: str = ""
+) -> tuple[ServerApp, ClientApp]:
+    """ServerApp and ClientApp running ``cfg`` with SecAgg+ (``None``: the run config)."""
+
+    def conf(context: Context) -> FLConfig:
+        return cfg if cfg is not None else FLConfig.from_run_config(dict(context.run_config))
 
     def client_fn(context: Context) -> Any:
-        return _Client(cfg, int(context.node_config["partition-id"]), debug_dir).to_client()
+        return _Client(
+            conf(context), int(context.node_config["partition-id"]), debug_dir
+        ).to_client()
 
     client = ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
     server = ServerApp()
 
     @server.main()  # type: ignore[misc]
     def main(grid: Grid, context: Context) -> None:
-        run_secagg_server(grid, context, cfg, debug_dir)
+        run_secagg_server(grid, context, conf(context).validate(), debug_dir)
 
     return server, client
 
@@ -186,3 +193,7 @@ def run_secagg_server(grid: Grid, context: Context, cfg: FLConfig, debug_dir: st
                     if isinstance(value, list) and value and isinstance(value[0], bytes):
                         received.append([_decode(b) for b in value])
         Path(debug_dir, "server-received.pkl").write_bytes(pickle.dumps(received))
+
+
+secagg_server_app, secagg_client_app = make_secagg_apps()
+"""For ``flwr run`` (deployment) with ``--secagg``: configured by the run config."""
