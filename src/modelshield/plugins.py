@@ -9,6 +9,7 @@ BUILTIN_MODULES = (
     "modelshield.defenses",
     "modelshield.evasion",
     "modelshield.exec",
+    "modelshield.federated.task",
     "modelshield.extraction",
     "modelshield.poisoning",
     "modelshield.privacy.audit",

@@ -27,8 +27,19 @@ from torch import Tensor
 
 from modelshield.core.errors import InvalidConfigError
 from modelshield.core.metrics import norm_ppf
+from modelshield.core.registry import Registry
 
-ATTACKS = ("label-flip", "sign-flip", "gaussian", "backdoor", "little-is-enough")
+FL_ATTACKS: Registry[str] = Registry("fl-attacks")
+_ATTACKS_HELP = (
+    ("label-flip", "train on labels C - 1 - y (Tolpegin et al. 2020)"),
+    ("sign-flip", "send the reversed update -s * delta"),
+    ("gaussian", "send N(0, sigma^2) noise instead of an update (Blanchard et al. 2017)"),
+    ("backdoor", "BadNets-poisoned local data, boosted update (Bagdasaryan et al. 2020)"),
+    ("little-is-enough", "mu - z * sigma of benign updates (Baruch et al. 2019)"),
+)
+for _name, _help in _ATTACKS_HELP:
+    FL_ATTACKS.add(_name, _name, help=_help)
+ATTACKS = tuple(name for name, _ in _ATTACKS_HELP)
 DATA_ATTACKS = ("label-flip", "backdoor")
 
 

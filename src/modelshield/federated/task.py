@@ -17,22 +17,27 @@ from torch import Tensor, nn
 from modelshield.core.architectures import build
 from modelshield.core.data import Dataset, load_dataset
 from modelshield.core.errors import InvalidConfigError
+from modelshield.core.registry import Registry
 from modelshield.core.seeding import make_generator
 from modelshield.federated.attacks import ATTACKS
 from modelshield.federated.partition import dirichlet_partition, iid_partition
 
 logger = logging.getLogger(__name__)
 
-AGGREGATORS = (
-    "fedavg",
-    "krum",
-    "multi-krum",
-    "bulyan",
-    "median",
-    "trimmed-mean",
-    "norm-bound",
-    "fltrust",
+FL_AGGREGATORS: Registry[str] = Registry("fl-aggregators")
+_AGGREGATORS_HELP = (
+    ("fedavg", "Flower's FedAvg: the example-weighted mean (McMahan et al. 2017)"),
+    ("krum", "Flower's Krum (Blanchard et al. 2017)"),
+    ("multi-krum", "Flower's MultiKrum: the mean of the n - f best Krum scores"),
+    ("bulyan", "Flower's Bulyan (El Mhamdi et al. 2018)"),
+    ("median", "Flower's FedMedian: the coordinate-wise median (Yin et al. 2018)"),
+    ("trimmed-mean", "Flower's FedTrimmedAvg (beta = --trim-beta)"),
+    ("norm-bound", "Norm bounding: clip updates, then average (Sun et al. 2019)"),
+    ("fltrust", "FLTrust: trust scores against a root-data update (Cao et al. 2021)"),
 )
+for _name, _help in _AGGREGATORS_HELP:
+    FL_AGGREGATORS.add(_name, _name, help=_help)
+AGGREGATORS = tuple(name for name, _ in _AGGREGATORS_HELP)
 TEST_FRACTION = 0.2
 """Share of ``data`` the server holds out for evaluation when no ``test_data`` is given."""
 
