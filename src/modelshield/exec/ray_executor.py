@@ -49,7 +49,7 @@ def _run_in_worker(fn: Callable[[Any], Any], item: Any) -> Any:
     return fn(item)
 
 
-def _warn_if_not_loopback_only() -> None:
+def warn_if_not_loopback_only() -> None:
     """Warn when a local Ray would be reachable from other machines."""
     import socket
 
@@ -101,7 +101,7 @@ class RayExecutor(Executor):
             self._owns = False
             logger.info("reusing the Ray runtime already initialised in this process")
         elif address is None:
-            _warn_if_not_loopback_only()
+            warn_if_not_loopback_only()
             ray.init(
                 num_cpus=num_workers,
                 _node_ip_address="127.0.0.1",

@@ -47,6 +47,7 @@ def simulate(cfg: FLConfig, *, num_cpus: int | None = None) -> dict[str, Any]:
         )
     from flwr.simulation import run_simulation
 
+    from modelshield.exec.ray_executor import warn_if_not_loopback_only
     from modelshield.federated.apps import make_apps
 
     out = Path(cfg.out)
@@ -61,6 +62,7 @@ def simulate(cfg: FLConfig, *, num_cpus: int | None = None) -> dict[str, Any]:
     else:
         server, client = make_apps(cfg)
     quiet_flower()
+    warn_if_not_loopback_only()
     run_simulation(
         server_app=server,
         client_app=client,
