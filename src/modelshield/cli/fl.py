@@ -182,6 +182,19 @@ def _echo(s: dict[str, Any]) -> None:
     click.echo(f"report: {s['paths']['html']}")
 
 
+def _run(opts: dict[str, Any], runner: Callable[[Any], dict[str, Any]], mode: str) -> None:
+    """Plan, run (or reuse) and report; the runner makes one run (simulated or deployed)."""
+    from modelshield.cli.main import _parse_model_opts
+    from modelshield.federated.run import run_federated
+
+    command = _parse_model_opts({"bounds": "0,1", "mean": None, "std": None})["command"]
+    cfg, compare, attacks = _config(opts)
+    s = run_federated(
+        cfg, compare=compare, attacks=attacks, runner=runner, command=command, mode=mode
+    )
+    _echo(s)
+
+
 @click.group("fl")
 def fl_group() -> None:
     """Federated learning on Flower: attacks, robust aggregation, DP-FL, secure aggregation."""
@@ -198,21 +211,10 @@ def simulate_cmd(**opts: Any) -> None:
       modelshield fl simulate --clients 10 --rounds 10 --malicious 0.2 --attack backdoor \\
           --compare fedavg,multi-krum,median,fltrust --out fl-run
     """
-    from modelshield.cli.main import _parse_model_opts
-    from modelshield.federated.run import run_federated
     from modelshield.federated.simulate import simulate
 
     cpus = opts.pop("cpus")
-    command = _parse_model_opts({"bounds": "0,1", "mean": None, "std": None})["command"]
-    cfg, compare, attacks = _config(opts)
-    s = run_federated(
-        cfg,
-        compare=compare,
-        attacks=attacks,
-        runner=lambda c: simulate(c, num_cpus=cpus),
-        command=command,
-    )
-    _echo(s)
+    _run(opts, lambda c: simulate(c, num_cpus=cpus), "simulation")
 
 
 @fl_group.command("run")
@@ -229,19 +231,7 @@ def run_cmd(**opts: Any) -> None:
       modelshield fl run --clients 3 --rounds 2 --malicious 0.34 --attack sign-flip \\
           --aggregator median --out fl-deploy
     """
-    from modelshield.cli.main import _parse_model_opts
     from modelshield.federated.deployment import deploy
-    from modelshield.federated.run import run_federated
 
     timeout = opts.pop("timeout")
-    command = _parse_model_opts({"bounds": "0,1", "mean": None, "std": None})["command"]
-    cfg, compare, attacks = _config(opts)
-    s = run_federated(
-        cfg,
-        compare=compare,
-        attacks=attacks,
-        runner=lambda c: deploy(c, timeout=timeout),
-        command=command,
-        mode="deployment",
-    )
-    _echo(s)
+    _run(opts, lambda c: deploy(c, timeout=timeout), "deployment")
