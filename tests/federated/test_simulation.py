@@ -85,6 +85,9 @@ def test_central_dp_epsilon_matches_dp_accounting(tmp_path: Path) -> None:
         want = pld.get_epsilon(delta)
         assert eps[t] == pytest.approx(want, rel=0.02, abs=0.02), (t, eps[t], want)
         assert eps[t] <= rdp.get_epsilon(delta) + 1e-9  # PRV/PLD is tighter than RDP
+        ours_rdp = res["runs"]["fedavg"]["rounds"][t]["epsilon_rdp"]
+        assert ours_rdp == pytest.approx(rdp.get_epsilon(delta), rel=0.01)
+    assert res["dp"]["epsilon"] == eps[-1] and res["dp"]["sample_rate"] == q
 
 
 @pytest.mark.parametrize(

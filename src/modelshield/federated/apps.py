@@ -182,7 +182,7 @@ def make_server_update(cfg: FLConfig) -> Any:
     return server_update
 
 
-def local_epsilon(cfg: FLConfig, rounds: int) -> float:
+def local_epsilon(cfg: FLConfig, rounds: int, accountant: str = "prv") -> float:
     """Local DP: each client's releases are Gaussian mechanisms of sensitivity ``C`` and
     noise ``σC``; a client sampled every round composes ``rounds`` of them (no sampling
     amplification is claimed: the client knows it was sampled)."""

@@ -295,6 +295,17 @@ def run_federated(
     }
     if any("epsilon" in r for r in rounds):
         summary["epsilon"] = _series(rounds, "epsilon")
+        summary["dp"] = {
+            "mode": cfg.dp,
+            "sample_rate": cfg.fraction if cfg.dp == "central" else 1.0,
+            "noise_multiplier": cfg.noise_multiplier,
+            "clip": cfg.clip,
+            "delta": cfg.delta,
+            "rounds": cfg.rounds,
+            "accountant": "prv (Gopi et al. 2021; Poisson-subsampled Gaussian, client level)",
+            "epsilon": rounds[-1].get("epsilon"),
+            "epsilon_rdp": rounds[-1].get("epsilon_rdp"),
+        }
     if len(results) > 1:
         summary["comparison"] = {n: r["rounds"][-1] for n, r in results.items()}
     result_path = out / "result.json"

@@ -188,7 +188,7 @@ class CentralDP(UpdateStrategy):
         )
         self.rounds_done = 0
 
-    def epsilon(self, rounds: int) -> float:
+    def epsilon(self, rounds: int, accountant: str | None = None) -> float:
         from modelshield.privacy.accounting import compute_epsilon
 
         return compute_epsilon(
@@ -196,7 +196,7 @@ class CentralDP(UpdateStrategy):
             noise_multiplier=self.sigma,
             steps=rounds,
             delta=self.delta,
-            accountant=self.accountant,
+            accountant=accountant or self.accountant,
         )
 
     def configure_train(
@@ -232,6 +232,7 @@ class CentralDP(UpdateStrategy):
                 "sampled": len(updates),
                 "clipped": int((updates.norm(dim=1) > self.clip).sum()) if len(updates) else 0,
                 "epsilon": eps,
+                "epsilon_rdp": self.epsilon(self.rounds_done, "rdp"),
             }
         )
         logger.info("round %d: epsilon %.4f (delta %g)", server_round, eps, self.delta)
