@@ -88,6 +88,10 @@ def test_central_dp_epsilon_matches_dp_accounting(tmp_path: Path) -> None:
         ours_rdp = res["runs"]["fedavg"]["rounds"][t]["epsilon_rdp"]
         assert ours_rdp == pytest.approx(rdp.get_epsilon(delta), rel=0.01)
     assert res["dp"]["epsilon"] == eps[-1] and res["dp"]["sample_rate"] == q
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    plots = report["probes"][0]["plots"]
+    assert [p["title"].split(" (")[0] for p in plots][-1] == "Client-level epsilon"
 
 
 @pytest.mark.parametrize(

@@ -100,6 +100,32 @@ def run_probe(name: str, cfg: FLConfig, rounds: list[dict[str, Any]], seed: int)
     x = [r["round"] for r in rounds]
     series = [{"name": "accuracy", "x": x, "y": _series(rounds, "accuracy")}]
     series.append({"name": "backdoor ASR", "x": x, "y": _series(rounds, "asr")})
+    plots: list[dict[str, Any]] = [
+        {
+            "kind": "line",
+            "title": "Accuracy and backdoor ASR per round",
+            "x_label": "round",
+            "y_label": "rate",
+            "series": series,
+        }
+    ]
+    eps_rows = [r for r in rounds if r.get("epsilon") is not None]
+    if eps_rows:
+        plots.append(
+            {
+                "kind": "line",
+                "title": f"Client-level epsilon ({cfg.dp} DP, delta {cfg.delta:g})",
+                "x_label": "round",
+                "y_label": "epsilon",
+                "series": [
+                    {
+                        "name": "epsilon (PRV)",
+                        "x": [r["round"] for r in eps_rows],
+                        "y": [r["epsilon"] for r in eps_rows],
+                    }
+                ],
+            }
+        )
     return ProbeResult(
         probe=f"fl-{name}",
         title=f"Federated learning: {cfg.aggregator}, {attack}",
@@ -130,15 +156,7 @@ def run_probe(name: str, cfg: FLConfig, rounds: list[dict[str, Any]], seed: int)
             "rule": rule,
         },
         details={"rounds": rounds, "rule": rule},
-        plots=[
-            {
-                "kind": "line",
-                "title": "Accuracy and backdoor ASR per round",
-                "x_label": "round",
-                "y_label": "rate",
-                "series": series,
-            }
-        ],
+        plots=plots,
     )
 
 
