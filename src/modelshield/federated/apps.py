@@ -65,18 +65,14 @@ def client_update(
     if bad and cfg.attack == "label-flip":
         y = attacks.flip_labels(y, data.num_classes)
     if bad and cfg.attack == "backdoor":
-        poisoned = (
-            badnets(
-                data,
-                rate=min(cfg.poison_fraction, 1 - 1 / max(len(data), 2)),
-                target_class=cfg.target_class,
-                bounds=cfg.bounds,
-                seed=seed,
+        # poison up to poison_fraction of the local data, from the samples not already of
+        # the target class (a non-IID client may have few of those)
+        others = int((data.y != cfg.target_class).sum())
+        rate = min(cfg.poison_fraction, others / len(data))
+        if round(rate * len(data)) >= 1:
+            poisoned = badnets(
+                data, rate=rate, target_class=cfg.target_class, bounds=cfg.bounds, seed=seed
             )
-            if int((data.y != cfg.target_class).sum()) > 0
-            else None
-        )
-        if poisoned is not None:
             x, y = poisoned.dataset.x, poisoned.dataset.y
     keys = float_keys(state)
     base = flatten(state, keys)
