@@ -18,6 +18,7 @@ import click
 from modelshield import __version__
 from modelshield.cli.dp import audit_dp_cmd, train_cmd
 from modelshield.cli.fl import fl_group
+from modelshield.cli.he import he_group
 from modelshield.cli.options import endpoint_options, executor_options, model_options
 from modelshield.cli.poison import audit_data_cmd, fine_prune_cmd, poison_cmd
 from modelshield.cli.serve import serve_cmd
@@ -619,6 +620,7 @@ cli.add_command(watermark_group)
 audit_group.add_command(audit_dp_cmd)
 cli.add_command(poison_cmd)
 cli.add_command(fl_group)
+cli.add_command(he_group)
 harden_group.add_command(fine_prune_cmd)
 audit_group.add_command(audit_data_cmd)
 

@@ -1,0 +1,1 @@
+"""Private inference: homomorphic encryption (``he``; CKKS via TenSEAL)."""

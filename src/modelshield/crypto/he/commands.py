@@ -1,0 +1,341 @@
+"""The ``modelshield he`` commands: compile, keygen, serve, infer, eval.
+
+Each writes its files atomically and ``result.json`` (or ``plan.json`` / ``keys.json``)
+last, so a present result means a finished run. User errors raise
+:class:`~modelshield.core.errors.ModelShieldError` before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from modelshield.core.data import Dataset, load_dataset
+from modelshield.core.errors import (
+    DataError,
+    InvalidConfigError,
+    OracleError,
+    UnsupportedModelError,
+)
+from modelshield.core.io import atomic_write_json
+from modelshield.core.loading import load_model
+from modelshield.crypto.he.keys import (
+    load_public,
+    make_context,
+    public_bytes,
+    read_keys,
+    write_keys,
+)
+from modelshield.crypto.he.params import CKKSParams, choose_params
+from modelshield.crypto.he.plan import (
+    Plan,
+    compile_model,
+    load_plan,
+    model_forward_np,
+    predict_labels,
+)
+from modelshield.crypto.he.runtime import (
+    MODES,
+    choose_mode,
+    decrypt,
+    encrypt,
+    pack_blobs,
+    run_local,
+    unpack_blobs,
+)
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_SAMPLES = 1024
+DEFAULT_TOLERANCE = 1e-2
+"""Stated bound on |decrypted − plaintext| logits, relative to max(1, max |logit|)."""
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise InvalidConfigError(f"--input-shape must be like 1,28,28, got {text!r}") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise InvalidConfigError(f"--input-shape must be positive dims, got {text!r}")
+    return dims
+
+
+def _data(opts: dict[str, Any], key: str = "data") -> Dataset | None:
+    if not opts.get(key):
+        return None
+    return load_dataset(opts[key], bounds=opts["bounds"], label_column=opts.get("label_column"))
+
+
+def _compile(opts: dict[str, Any], data: Dataset | None) -> tuple[Plan, CKKSParams, Any]:
+    shape = _shape(opts.get("input_shape"))
+    if data is not None:
+        if shape is not None and shape != data.input_shape:
+            raise DataError(f"--input-shape {shape} but --data samples have {data.input_shape}")
+        shape = data.input_shape
+    loaded = load_model(
+        opts["model"],
+        trust_pickle=opts.get("trust_pickle", False),
+        arch=opts.get("arch"),
+        input_shape=shape,
+        bounds=opts["bounds"],
+        device="cpu",
+    )
+    if loaded.classifier is None or not isinstance(loaded.obj, torch.nn.Module):
+        raise UnsupportedModelError(
+            f"encrypted inference compiles a torch model; got a {loaded.kind} model"
+        )
+    shape = tuple(loaded.classifier.input_shape)
+    calib = None
+    if data is not None:
+        g = torch.Generator().manual_seed(opts.get("seed", 0))
+        idx = torch.randperm(len(data), generator=g)[:CALIBRATION_SAMPLES]
+        calib = data.x[idx]
+    plan = compile_model(
+        loaded.obj,
+        shape,
+        calib,
+        bounds=opts["bounds"],
+        source={"model": loaded.file.to_dict(), "calibration": data.describe() if data else None},
+    )
+    params = choose_params(
+        plan.depth, max(plan.max_abs), min_scale_bits=opts.get("min_scale_bits") or 26
+    )
+    return plan, params, loaded.obj
+
+
+def run_compile(**opts: Any) -> dict[str, Any]:
+    """``he compile``: model → ``PLAN_DIR/{weights.npz, params.json, plan.json}``."""
+    data = _data(opts)
+    plan, params, _ = _compile(opts, data)
+    out = Path(opts["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "params.json", params.to_dict())
+    plan.save(out)
+    summary = {"plan": plan.summary(), "params": params.to_dict(), "path": str(out)}
+    return summary
+
+
+def plan_and_params(path: str | Path) -> tuple[Plan, CKKSParams]:
+    plan = load_plan(path)
+    try:
+        params = CKKSParams.from_dict(json.loads((Path(path) / "params.json").read_text()))
+    except (OSError, ValueError, KeyError) as exc:
+        raise InvalidConfigError(f"plan {path} has no readable params.json: {exc}") from exc
+    return plan, params
+
+
+def plan_id(path: str | Path) -> str:
+    from modelshield.core.io import sha256_file
+
+    return sha256_file(Path(path) / "weights.npz")[:16]
+
+
+def run_keygen(**opts: Any) -> dict[str, Any]:
+    """``he keygen``: the client's context for a plan (secret key kept in ``KEY_DIR``)."""
+    _, params = plan_and_params(opts["plan"])
+    galois = opts.get("mode", "both") in ("both", "latency")
+    ctx = make_context(params, galois=galois)
+    return write_keys(opts["out"], ctx, params, plan_id(opts["plan"]))
+
+
+def _accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    return float((pred == y).mean()) if len(y) else float("nan")
+
+
+def _metrics(
+    plan: Plan, enc_logits: np.ndarray, x: np.ndarray, y: np.ndarray, model: Any | None
+) -> dict[str, Any]:
+    ref = plan.forward(x)
+    err = float(np.abs(enc_logits - ref).max())
+    bound = DEFAULT_TOLERANCE * max(1.0, float(np.abs(ref).max()))
+    enc_pred, plan_pred = predict_labels(plan, enc_logits), predict_labels(plan, ref)
+    out: dict[str, Any] = {
+        "n": len(y),
+        "encrypted_accuracy": _accuracy(enc_pred, y),
+        "plan_plaintext_accuracy": _accuracy(plan_pred, y),
+        "argmax_agreement_with_plan": float((enc_pred == plan_pred).mean()),
+        "max_abs_error": err,
+        "tolerance": bound,
+        "within_tolerance": err <= bound,
+    }
+    if model is not None:
+        model_logits = model_forward_np(model, x, plan.input_shape)
+        model_pred = (
+            predict_labels(plan, model_logits)
+            if model_logits.shape[1] > 1 or plan.output != "sigmoid"
+            else (model_logits[:, 0] > 0.5).astype(np.int64)
+        )
+        out["plaintext_accuracy"] = _accuracy(model_pred, y)
+        out["argmax_agreement_with_model"] = float((enc_pred == model_pred).mean())
+        out["accuracy_cost_pp"] = 100 * (out["plaintext_accuracy"] - out["encrypted_accuracy"])
+    return out
+
+
+def _limit(data: Dataset, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    n = len(data) if limit is None else min(limit, len(data))
+    return data.x[:n].double().numpy(), data.y[:n].numpy().astype(np.int64)
+
+
+def run_eval(**opts: Any) -> dict[str, Any]:
+    """``he eval``: compile, encrypt, run and decrypt locally; encrypted vs plaintext."""
+    started = time.time()
+    data = _data(opts)
+    assert data is not None
+    plan, params, model = _compile(opts, data)
+    x, y = _limit(data, opts.get("limit"))
+    if opts.get("plan_out"):
+        plan.save(opts["plan_out"])
+    mode = opts.get("mode") or "auto"
+    chosen = choose_mode(plan, params, len(y)) if mode == "auto" else mode
+    ctx = make_context(params, galois=chosen == "latency" or opts.get("latency_samples", 0) > 0)
+    public = load_public(public_bytes(ctx))
+    logits, timing = run_local(ctx, public, plan, x, chosen)
+    result: dict[str, Any] = {"mode": chosen, "mode_requested": mode}
+    result.update(_metrics(plan, logits, x, y, model))
+    result[chosen] = {
+        **timing,
+        "samples": len(y),
+        "seconds_per_sample": timing["seconds"] / max(1, len(y)),
+        "samples_per_second": len(y) / timing["seconds"],
+    }
+    k = int(opts.get("latency_samples") or 0)
+    if chosen != "latency" and k > 0:
+        _, lat = run_local(ctx, public, plan, x[:k], "latency")
+        result["latency"] = {**lat, "samples": k, "seconds_per_sample": lat["seconds"] / k}
+    result["latency_seconds_per_sample"] = (result.get("latency") or {}).get("seconds_per_sample")
+    result["throughput_samples_per_second"] = (result.get("throughput") or {}).get(
+        "samples_per_second"
+    )
+    result.update(
+        params=params.to_dict(),
+        plan=plan.summary(),
+        notes=plan.notes,
+        command=opts.get("command", "modelshield he eval"),
+        seed=opts.get("seed", 0),
+        wall_time=time.time() - started,
+    )
+    out = Path(opts["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "result.json", result)  # last: its presence means the run finished
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Client over HTTP
+# --------------------------------------------------------------------------------------
+
+
+def _http(
+    method: str, url: str, body: bytes | None = None, timeout: float = 600
+) -> tuple[bytes, dict[str, str]]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method=method)
+    if body is not None:
+        req.add_header("Content-Type", "application/octet-stream")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        try:
+            msg = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            msg = exc.reason
+        raise OracleError(f"server {url} answered {exc.code}: {msg}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise OracleError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
+
+
+def run_infer(**opts: Any) -> dict[str, Any]:
+    """``he infer``: encrypt ``--data`` with the client's keys, send, decrypt, score."""
+    started = time.time()
+    server = opts["server"].rstrip("/")
+    ctx, pub, meta = read_keys(opts["keys"])
+    info = json.loads(_http("GET", f"{server}/v1/plan")[0])
+    from modelshield.crypto.he.plan import Affine
+
+    plan_meta = info["plan"]
+    if list(meta["params"]["coeff_mod_bit_sizes"]) != list(info["params"]["coeff_mod_bit_sizes"]):
+        raise InvalidConfigError("--keys were made for another plan's parameters: run 'he keygen'")
+    data = _data(opts)
+    assert data is not None
+    if list(data.input_shape) != plan_meta["input_shape"] and [int(np.prod(data.input_shape))] != [
+        int(np.prod(plan_meta["input_shape"]))
+    ]:
+        raise DataError(
+            f"--data samples have shape {data.input_shape}; the served plan takes "
+            f"{tuple(plan_meta['input_shape'])}"
+        )
+    # a shape-only stand-in plan for encryption (the client never needs the weights)
+    n_out = plan_meta["num_outputs"]
+    stub = Plan(
+        input_shape=tuple(plan_meta["input_shape"]),
+        layers=[Affine(np.zeros((n_out, 1)), np.zeros(n_out))],
+        output=plan_meta["output"],
+    )
+    x, y = _limit(data, opts.get("limit"))
+    params = CKKSParams.from_dict(meta["params"])
+    mode = opts.get("mode") or "auto"
+    if mode == "auto":
+        chosen = "latency" if len(y) <= 2 and meta.get("galois_keys") else "throughput"
+    else:
+        chosen = mode
+    if chosen == "latency" and not meta.get("galois_keys"):
+        raise InvalidConfigError(
+            "--mode latency needs keys made with 'he keygen --mode both|latency'"
+        )
+    cid = json.loads(_http("POST", f"{server}/v1/contexts", pub)[0])["context_id"]
+    step = 1 if chosen == "latency" else params.slots
+    outs, server_s, t0 = [], 0.0, time.perf_counter()
+    sent = received = 0
+    for i in range(0, len(y), step):
+        chunk = x[i : i + step]
+        body = pack_blobs(encrypt(ctx, stub, chunk, chosen))
+        reply, headers = _http("POST", f"{server}/v1/infer/{cid}?mode={chosen}", body)
+        sent, received = sent + len(body), received + len(reply)
+        server_s += float(headers.get("X-HE-Server-Seconds", headers.get("x-he-server-seconds", 0)))
+        outs.append(decrypt(ctx, unpack_blobs(reply), len(chunk), chosen, n_out))
+    total = time.perf_counter() - t0
+    logits = np.concatenate(outs)
+    pred = predict_labels(stub, logits)
+    result: dict[str, Any] = {
+        "mode": chosen,
+        "mode_requested": mode,
+        "n": len(y),
+        "accuracy": _accuracy(pred, y),
+        "encrypted_accuracy": _accuracy(pred, y),
+        "latency_seconds_per_sample": total / len(y) if chosen == "latency" else total,
+        "latency_note": "per sample (one request each)"
+        if chosen == "latency"
+        else "per request: the whole batch shares one round trip",
+        "throughput_samples_per_second": len(y) / total,
+        "seconds": total,
+        "server_seconds": server_s,
+        "bytes_sent": sent,
+        "bytes_received": received,
+        "server": server,
+        "context_id": cid,
+        "params": meta["params"],
+        "notes": plan_meta.get("notes", []),
+        "command": opts.get("command", "modelshield he infer"),
+        "wall_time": time.time() - started,
+    }
+    out = Path(opts["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "result.json", result)
+    return result
+
+
+def check_mode(mode: str) -> None:
+    if mode not in (*MODES, "auto"):
+        raise InvalidConfigError(f"--mode must be auto, latency or throughput, got {mode!r}")
