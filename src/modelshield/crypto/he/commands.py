@@ -53,7 +53,7 @@ from modelshield.crypto.he.runtime import (
 logger = logging.getLogger(__name__)
 
 CALIBRATION_SAMPLES = 1024
-DEFAULT_TOLERANCE = 1e-2
+DEFAULT_TOLERANCE = 1e-3
 """Stated bound on |decrypted − plaintext| logits, relative to max(1, max |logit|)."""
 
 

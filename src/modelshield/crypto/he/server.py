@@ -10,7 +10,7 @@ The server holds the plan and never a secret key:
   server's compute time in ``X-HE-Server-Seconds``.
 """
 
-from __future__ import annotations
+# no "from __future__ import annotations": FastAPI reads the endpoint annotations at run time
 
 import logging
 import threading
@@ -30,6 +30,8 @@ MAX_CONTEXTS = 8
 
 def context_params(ctx: Any) -> tuple[int, list[int]]:
     """(N, coeff-modulus bit sizes) of a TenSEAL context."""
+    from tenseal import sealapi  # noqa: F401  (registers SEAL's types with pybind11)
+
     parms = ctx.seal_context().data.key_context_data().parms()
     return int(parms.poly_modulus_degree()), [int(q.bit_count()) for q in parms.coeff_modulus()]
 
