@@ -54,7 +54,7 @@ def _check(model: nn.Module, shape: tuple[int, ...], x: torch.Tensor, **kw: Any)
 
 def test_params_follow_depth_and_seal_bounds() -> None:
     p = choose_params(3, 10.0)
-    assert p.poly_modulus_degree == 8192 and p.total_bits <= 218 and p.scale_bits >= 30
+    assert p.poly_modulus_degree == 8192 and p.total_bits <= 218 and p.scale_bits >= 26
     assert len(p.coeff_mod_bit_sizes) == 5 and "128-bit" in p.to_dict()["security"]
     deep = choose_params(8, 10.0)
     assert deep.poly_modulus_degree == 16384 and deep.total_bits <= 438

@@ -68,7 +68,7 @@ class CKKSParams:
 
 
 def choose_params(
-    depth: int, max_abs: float = 1.0, *, min_scale_bits: int = 30, min_slots: int = 0
+    depth: int, max_abs: float = 1.0, *, min_scale_bits: int = 26, min_slots: int = 0
 ) -> CKKSParams:
     """Smallest 128-bit-secure N (and the largest scale there) for ``depth`` levels.
 
