@@ -212,3 +212,16 @@ def test_choose_mode_by_request_size() -> None:
     params = choose_params(plan.depth, 10.0)
     assert runtime.choose_mode(plan, params, 1) == "latency"
     assert runtime.choose_mode(plan, params, 1000) == "throughput"
+
+
+def test_static_batch_export_is_compiled_through_its_rebatching_wrapper() -> None:
+    from modelshield.core.loading import _ExportedModule
+
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(9, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    prog = torch.export.export(net, (torch.rand(2, 1, 3, 3),))  # batch fixed at 2
+    x = torch.rand(16, 1, 3, 3)
+    plan = compile_model(_ExportedModule(prog.module(), 2), (1, 3, 3), x)
+    ref = compile_model(net, (1, 3, 3), x)
+    np.testing.assert_allclose(plan.forward(x), ref.forward(x), atol=1e-9)
+    assert plan.activations[0]["kind"] == "relu"

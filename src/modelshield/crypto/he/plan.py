@@ -392,7 +392,10 @@ def _aten_call(
     def fn(t: Tensor) -> Any:
         def sub(a: Any) -> Any:
             if isinstance(a, torch.fx.Node):
-                return t if a in chain else env[a]
+                if a in chain:
+                    return t
+                v = env[a]  # weights follow the data's dtype (float64 when collapsing)
+                return v.to(t.dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
             if isinstance(a, (list, tuple)):
                 return type(a)(sub(v) for v in a)
             return a
