@@ -23,6 +23,7 @@ pytest.importorskip("tenseal")
 
 from modelshield.core.data import load_dataset
 from modelshield.crypto.he.plan import load_plan, predict_labels
+from modelshield.report import validate_report
 from tests.cli.test_cli import assert_one_line_error
 from tests.conftest import CLI, run_cli
 
@@ -88,6 +89,9 @@ def test_eval_encrypted_matches_plaintext(files: Files, tmp_path: Path) -> None:
     assert abs(res["plaintext_accuracy"] - res["encrypted_accuracy"]) <= 0.05  # ReLU → quadratic
     assert res["latency_seconds_per_sample"] > 0 and res["throughput_samples_per_second"] > 0
     assert any("fitted polynomial" in n for n in res["notes"])
+    report = json.loads((out / "report.json").read_text())
+    validate_report(report)
+    assert report["probes"][0]["probe"] == "he-eval" and (out / "report.html").is_file()
 
 
 @dataclass

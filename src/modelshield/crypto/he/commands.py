@@ -223,10 +223,86 @@ def run_eval(**opts: Any) -> dict[str, Any]:
         seed=opts.get("seed", 0),
         wall_time=time.time() - started,
     )
+    report = _eval_report(result, opts, data, started)  # validated before anything is written
     out = Path(opts["out"])
     out.mkdir(parents=True, exist_ok=True)
+    from modelshield.report import write_reports
+
+    written = write_reports(report, out)
+    result["paths"] = {
+        "result": str(out / "result.json"),
+        **{k: str(v) for k, v in written.items()},
+    }
     atomic_write_json(out / "result.json", result)  # last: its presence means the run finished
     return result
+
+
+def _eval_report(
+    r: dict[str, Any], opts: dict[str, Any], data: Dataset, started: float
+) -> dict[str, Any]:
+    """The report (JSON + HTML) of an ``he eval`` run: one informational probe."""
+    from modelshield.core.results import ProbeResult
+    from modelshield.report import build_report
+    from modelshield.scan.rubric import rubric_document
+    from modelshield.scan.rundir import run_record
+
+    def fmt(v: Any, spec: str) -> str:
+        return "—" if v is None else format(v, spec)
+
+    rows = [
+        ["plaintext accuracy (model)", fmt(r.get("plaintext_accuracy"), ".4f")],
+        ["encrypted accuracy", fmt(r["encrypted_accuracy"], ".4f")],
+        ["argmax agreement with the plan", fmt(r["argmax_agreement_with_plan"], ".4f")],
+        [
+            "max |decrypted − plaintext|",
+            f"{r['max_abs_error']:.2e} (tolerance {r['tolerance']:.2e})",
+        ],
+        ["latency (s/sample)", fmt(r.get("latency_seconds_per_sample"), ".3f")],
+        ["throughput (samples/s)", fmt(r.get("throughput_samples_per_second"), ".1f")],
+        ["CKKS", r["params"]["security"]],
+    ]
+    probe = ProbeResult(
+        probe="he-eval",
+        title="Encrypted inference (CKKS)",
+        risk="privacy",
+        status="ok",
+        seed=int(opts.get("seed", 0)),
+        wall_time=time.time() - started,
+        config={"mode": r["mode"], "n": r["n"], "params": r["params"]},
+        figure={"name": "encrypted accuracy", "value": r["encrypted_accuracy"]},
+        grade=None,
+        meaning=(
+            f"The server computed on CKKS ciphertexts only ({r['mode']} packing); decrypted "
+            f"outputs agree with plaintext on {r['argmax_agreement_with_plan']:.2%} of "
+            f"{r['n']} samples. " + " ".join(r["notes"])
+        ),
+        recommendation="Keep KEY_DIR/secret.ctx on the client; if a ReLU was replaced, "
+        "consider make_he_friendly fine-tuning when the accuracy cost matters.",
+        threat={
+            "attacker": "an honest-but-curious server",
+            "attack": "reading the client's inputs",
+            "access": "public context and ciphertexts",
+            "rule": "informational: the cost of encryption",
+        },
+        details={k: v for k, v in r.items() if k not in ("plan", "params")},
+        plots=[
+            {
+                "kind": "table",
+                "title": "Encrypted vs plaintext",
+                "columns": ["", "value"],
+                "rows": rows,
+            }
+        ],
+    )
+    return build_report(
+        probes=[probe],
+        run=run_record(r["command"], int(opts.get("seed", 0)), "cpu", started),
+        target={
+            "model": r["plan"]["source"].get("model") or {"path": opts["model"]},
+            "data": data.describe(),
+        },
+        rubric=rubric_document(),
+    )
 
 
 # --------------------------------------------------------------------------------------
