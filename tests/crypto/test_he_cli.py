@@ -134,16 +134,16 @@ def test_client_and_server_over_http(files: Files, server: Server, tmp_path: Pat
     plan = load_plan(files.plan)
     want = predict_labels(plan, plan.forward(data.x[:64]))
     want_acc = float((want == data.y[:64].numpy()).mean())
-    for mode, limit in (("throughput", 64), ("latency", 1)):
+    for mode, limit in (("throughput", 64), ("latency", 1), ("auto", 1)):
         out = tmp_path / mode
         r = run_cli("he", "infer", "--server", server.url, "--keys", str(files.keys),
                     "--data", str(files.data), "--out", str(out), "--mode", mode,
                     "--limit", str(limit))  # fmt: skip
         assert r.returncode == 0, r.stderr
         res = json.loads((out / "result.json").read_text())
-        assert res["mode"] == mode and res["n"] == limit
+        assert res["mode"] == (mode if mode != "auto" else "latency") and res["n"] == limit
         assert res["latency_seconds_per_sample"] > 0 and res["throughput_samples_per_second"] > 0
-        expected = want_acc if mode == "throughput" else float(want[0] == data.y[0])
+        expected = want_acc if limit == 64 else float(want[0] == data.y[0])
         assert res["accuracy"] == pytest.approx(expected)
     # the server refuses a context that holds the secret key
     req = urllib.request.Request(

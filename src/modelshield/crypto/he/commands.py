@@ -362,8 +362,19 @@ def run_infer(**opts: Any) -> dict[str, Any]:
     x, y = _limit(data, opts.get("limit"))
     params = CKKSParams.from_dict(meta["params"])
     mode = opts.get("mode") or "auto"
-    if mode == "auto":
-        chosen = "latency" if len(y) <= 2 and meta.get("galois_keys") else "throughput"
+    if mode == "auto":  # the cost model on the served layer shapes (weights unknown here)
+        shapes = Plan(
+            input_shape=stub.input_shape,
+            layers=[
+                Affine(np.ones((la["out"], la["in"])), np.zeros(la["out"]))
+                if la["type"] == "affine"
+                else "square"
+                for la in plan_meta["layers"]
+            ],
+        )
+        chosen = choose_mode(shapes, params, len(y))
+        if chosen == "latency" and not meta.get("galois_keys"):
+            chosen = "throughput"
     else:
         chosen = mode
     if chosen == "latency" and not meta.get("galois_keys"):
