@@ -45,6 +45,8 @@ from modelshield.poisoning.triggers import Trigger, apply_trigger
 
 logger = logging.getLogger(__name__)
 
+BACKDOOR_TRIGGER = Trigger(kind="patch")
+"""The trigger backdoor clients stamp and the server measures the ASR with."""
 LIE_SHARDS = 5
 """Honest updates a little-is-enough client computes (on disjoint shards of its data)."""
 
@@ -71,7 +73,12 @@ def client_update(
         rate = min(cfg.poison_fraction, others / len(data))
         if round(rate * len(data)) >= 1:
             poisoned = badnets(
-                data, rate=rate, target_class=cfg.target_class, bounds=cfg.bounds, seed=seed
+                data,
+                rate=rate,
+                target_class=cfg.target_class,
+                trigger=BACKDOOR_TRIGGER,
+                bounds=cfg.bounds,
+                seed=seed,
             )
             x, y = poisoned.dataset.x, poisoned.dataset.y
     keys = float_keys(state)
@@ -134,10 +141,6 @@ def make_client_app(fixed: FLConfig | None = None) -> ClientApp:
 
 
 # -- server ---------------------------------------------------------------------------------
-def backdoor_trigger(cfg: FLConfig, input_shape: tuple[int, ...]) -> Trigger:
-    return Trigger(kind="patch")
-
-
 def make_evaluator(cfg: FLConfig) -> Any:
     """``evaluate_fn(round, arrays)``: accuracy on the test set, and the attack success rate
     of the backdoor trigger (triggered non-target test inputs classified as the target;
@@ -148,7 +151,7 @@ def make_evaluator(cfg: FLConfig) -> Any:
         x_eval, y_eval = test.x[cfg.root_size :], test.y[cfg.root_size :]
     model = build_model(cfg, train.input_shape, train.num_classes)
     keep = y_eval != cfg.target_class
-    x_trig = apply_trigger(x_eval[keep], backdoor_trigger(cfg, train.input_shape), cfg.bounds)
+    x_trig = apply_trigger(x_eval[keep], BACKDOOR_TRIGGER, cfg.bounds)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())

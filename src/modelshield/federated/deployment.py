@@ -4,13 +4,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from modelshield.core.errors import FederatedError, InvalidConfigError
 from modelshield.federated.deploy import run_deployment, write_app_dir
+from modelshield.federated.simulate import fresh_rounds_file, read_rounds
 from modelshield.federated.task import FLConfig
 
 logger = logging.getLogger(__name__)
@@ -29,15 +28,8 @@ ROUND_SECONDS = 120.0
 def deploy(cfg: FLConfig, *, timeout: float | None = None) -> dict[str, Any]:
     """Run ``cfg`` with ``cfg.num_clients`` SuperNode processes; returns the server's rounds."""
     cfg.validate()
-    if not cfg.out:
-        raise InvalidConfigError(
-            "the run needs an out directory (where the server writes rounds.json)"
-        )
-    out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    rounds_file = out / "rounds.json"
-    if rounds_file.exists():
-        rounds_file.unlink()
+    rounds_file = fresh_rounds_file(cfg)
+    out = rounds_file.parent
     run_config = {**cfg.to_run_config(), "out": str(out)}
     if cfg.data != "digits" and not cfg.data.startswith("bundled:"):
         run_config["data"] = str(Path(cfg.data).resolve())
@@ -58,13 +50,7 @@ def deploy(cfg: FLConfig, *, timeout: float | None = None) -> dict[str, Any]:
         log_dir=out / "logs",
     )
     logger.info("deployment run %s: %s in %.0f s", result.run_id, result.status, result.duration_s)
-    if not rounds_file.exists():
-        raise FederatedError(f"the deployment finished without a result; see {result.log_dir}")
-    doc = json.loads(rounds_file.read_text())
-    if len(doc["rounds"]) != cfg.rounds + 1:
-        raise FederatedError(
-            f"the deployment stopped after {len(doc['rounds']) - 1} of {cfg.rounds} rounds; see {result.log_dir}"
-        )
+    doc = read_rounds(rounds_file, cfg, "the deployment", f"see {result.log_dir}")
     doc["deployment"] = {
         "run_id": result.run_id,
         "status": result.status,

@@ -41,20 +41,12 @@ def simulate(cfg: FLConfig, *, num_cpus: int | None = None) -> dict[str, Any]:
     read back from it is returned.
     """
     cfg.validate()
-    if not cfg.out:
-        raise InvalidConfigError(
-            "the run needs an out directory (where the server writes rounds.json)"
-        )
     from flwr.simulation import run_simulation
 
     from modelshield.exec.ray_executor import warn_if_not_loopback_only
     from modelshield.federated.apps import make_apps
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rounds_file = out / "rounds.json"
-    if rounds_file.exists():
-        rounds_file.unlink()  # a fresh run: no stale rounds
+    rounds_file = fresh_rounds_file(cfg)
     if cfg.secagg:
         from modelshield.federated.secagg import make_secagg_apps
 
@@ -69,16 +61,35 @@ def simulate(cfg: FLConfig, *, num_cpus: int | None = None) -> dict[str, Any]:
         num_supernodes=cfg.num_clients,
         backend_config=backend_config(num_cpus),  # type: ignore[arg-type]
     )
+    return read_rounds(rounds_file, cfg, "the simulation", "see the log above")
+
+
+def fresh_rounds_file(cfg: FLConfig) -> Path:
+    """``OUT/rounds.json``, where the server app writes each round; none from an earlier run."""
+    if not cfg.out:
+        raise InvalidConfigError(
+            "the run needs an out directory (where the server writes rounds.json)"
+        )
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rounds_file = out / "rounds.json"
+    if rounds_file.exists():
+        rounds_file.unlink()
+    return rounds_file
+
+
+def read_rounds(rounds_file: Path, cfg: FLConfig, what: str, where: str) -> dict[str, Any]:
+    """The server's rounds after a run, or a one-line error if the run did not complete."""
     if not rounds_file.exists():
-        raise FederatedError("the simulation ended without a result (see the log above)")
+        raise FederatedError(f"{what} ended without a result ({where})")
     doc = json.loads(rounds_file.read_text())
     if len(doc["rounds"]) != cfg.rounds + 1:  # round 0 is the initial model
         raise FederatedError(
-            f"the simulation stopped after {len(doc['rounds']) - 1} of {cfg.rounds} rounds"
+            f"{what} stopped after {len(doc['rounds']) - 1} of {cfg.rounds} rounds ({where})"
         )
     failed = [r["round"] for r in doc["rounds"] if r.get("aggregated") == 0.0]
     if failed:
         raise FederatedError(
-            f"secure aggregation produced no aggregate in round(s) {failed} (see the log above)"
+            f"secure aggregation produced no aggregate in round(s) {failed} ({where})"
         )
     return doc  # type: ignore[no-any-return]

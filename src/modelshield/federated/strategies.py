@@ -67,6 +67,12 @@ class UpdateStrategy(FedAvg):  # type: ignore[misc]
         self.global_state = arrays.to_torch_state_dict()
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[no-any-return]
 
+    def current_global(self) -> dict[str, Tensor]:
+        """The global model this round's updates are relative to."""
+        if self.global_state is None:
+            raise InvalidConfigError("aggregate_train before configure_train")
+        return self.global_state
+
     def combine(self, updates: Tensor, weights: Tensor, server_round: int) -> Tensor:
         raise NotImplementedError
 
@@ -74,10 +80,9 @@ class UpdateStrategy(FedAvg):  # type: ignore[misc]
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = self._check_and_log_replies(replies, is_train=True)
-        if self.global_state is None:
-            raise InvalidConfigError("aggregate_train before configure_train")
-        keys = float_keys(self.global_state)
-        base = flatten(self.global_state, keys)
+        state = self.current_global()
+        keys = float_keys(state)
+        base = flatten(state, keys)
         contents = [m.content for m in valid]
         if contents:
             updates = torch.stack(
@@ -94,18 +99,8 @@ class UpdateStrategy(FedAvg):  # type: ignore[misc]
             updates = torch.zeros(0, len(base), dtype=torch.float64)
             weights = torch.zeros(0, dtype=torch.float64)
         step = self.combine(updates, weights, server_round)
-        new = unflatten(base + step, self.global_state, keys)
+        new = unflatten(base + step, state, keys)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None
-        extra = (
-            self.history[-1]
-            if self.history and self.history[-1].get("round") == server_round
-            else {}
-        )
-        numeric = {
-            k: float(v) for k, v in extra.items() if isinstance(v, (int, float)) and k != "round"
-        }
-        if numeric:
-            metrics = MetricRecord({**(dict(metrics) if metrics is not None else {}), **numeric})
         return ArrayRecord(torch_state_dict=new), metrics
 
 
@@ -138,10 +133,10 @@ class FLTrust(UpdateStrategy):
         self.server_update = server_update
 
     def combine(self, updates: Tensor, weights: Tensor, server_round: int) -> Tensor:
-        assert self.global_state is not None
-        keys = float_keys(self.global_state)
-        trained = self.server_update(self.global_state)
-        g0 = flatten(trained, keys) - flatten(self.global_state, keys)
+        state = self.current_global()
+        keys = float_keys(state)
+        trained = self.server_update(state)
+        g0 = flatten(trained, keys) - flatten(state, keys)
         if len(updates) == 0:
             return torch.zeros_like(g0)
         cos = (updates @ g0) / (updates.norm(dim=1).clamp_min(1e-12) * g0.norm().clamp_min(1e-12))
@@ -216,8 +211,8 @@ class CentralDP(UpdateStrategy):
         return self._construct_messages(record, chosen, MessageType.TRAIN)  # type: ignore[no-any-return]
 
     def combine(self, updates: Tensor, weights: Tensor, server_round: int) -> Tensor:
-        assert self.global_state is not None
-        d = len(flatten(self.global_state, float_keys(self.global_state)))
+        state = self.current_global()
+        d = len(flatten(state, float_keys(state)))
         total = (
             agg.clip_to_norm(updates, self.clip).sum(0)
             if len(updates)

@@ -24,13 +24,13 @@ from modelshield.core.errors import UnsupportedModelError
 _LINEAR_OPS = ("aten.linear.default", "aten.addmm.default")
 
 
-def _unwrap(module: Any) -> tuple[Any, int | None, Any]:
-    """(inner module, static batch size or None, the re-batching wrapper or None)."""
+def _unwrap(module: Any) -> tuple[Any, int | None]:
+    """(inner module, static batch size or None): the program inside a loader wrapper."""
     from modelshield.core.loading import _ExportedModule
 
     if isinstance(module, _ExportedModule):
-        return module.program, module.batch_size, module
-    return module, None, None
+        return module.program, module.batch_size
+    return module, None
 
 
 def _last_linear_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
@@ -86,7 +86,7 @@ def penultimate_features(model: Classifier, x: Tensor, batch_size: int = 256) ->
 
     Raises :class:`UnsupportedModelError` when the model has no linear layer to read.
     """
-    inner, static, _ = _unwrap(model.module)
+    inner, static = _unwrap(model.module)
     outs: list[Tensor] = []
     if isinstance(inner, torch.fx.GraphModule):
         node = _last_linear_node(inner)
@@ -125,7 +125,7 @@ def penultimate_features(model: Classifier, x: Tensor, batch_size: int = 256) ->
 def final_linear_weight(model: Classifier) -> Tensor:
     """The weight ``(C, D)`` of the model's last linear layer (its columns are the
     penultimate units), as a live parameter of the model."""
-    inner, _, _ = _unwrap(model.module)
+    inner, _ = _unwrap(model.module)
     if isinstance(inner, torch.fx.GraphModule):
         node = _last_linear_node(inner)
         w = None

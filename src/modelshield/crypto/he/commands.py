@@ -75,6 +75,13 @@ def _data(opts: dict[str, Any], key: str = "data") -> Dataset | None:
     return load_dataset(opts[key], bounds=opts["bounds"], label_column=opts.get("label_column"))
 
 
+def _required_data(opts: dict[str, Any]) -> Dataset:
+    data = _data(opts)
+    if data is None:
+        raise InvalidConfigError("--data is required (labelled inputs)")
+    return data
+
+
 def _compile(opts: dict[str, Any], data: Dataset | None) -> tuple[Plan, CKKSParams, Any]:
     shape = _shape(opts.get("input_shape"))
     if data is not None:
@@ -188,8 +195,7 @@ def _limit(data: Dataset, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
 def run_eval(**opts: Any) -> dict[str, Any]:
     """``he eval``: compile, encrypt, run and decrypt locally; encrypted vs plaintext."""
     started = time.time()
-    data = _data(opts)
-    assert data is not None
+    data = _required_data(opts)
     plan, params, model = _compile(opts, data)
     x, y = _limit(data, opts.get("limit"))
     if opts.get("plan_out"):
@@ -350,8 +356,7 @@ def run_infer(**opts: Any) -> dict[str, Any]:
     plan_meta = info["plan"]
     if list(meta["params"]["coeff_mod_bit_sizes"]) != list(info["params"]["coeff_mod_bit_sizes"]):
         raise InvalidConfigError("--keys were made for another plan's parameters: run 'he keygen'")
-    data = _data(opts)
-    assert data is not None
+    data = _required_data(opts)
     if list(data.input_shape) != plan_meta["input_shape"] and [int(np.prod(data.input_shape))] != [
         int(np.prod(plan_meta["input_shape"]))
     ]:

@@ -605,8 +605,12 @@ def _build(
             max_abs.append(float(np.abs(z).max()))
             continue
         s = g[0]
-        last = layers[-1]
-        assert isinstance(last, Affine)
+        last = layers[-1] if layers else None
+        if not isinstance(last, Affine):
+            raise UnsupportedModelError(
+                f"{s.name}: an activation must follow a linear or convolutional layer (not the "
+                "input or another activation); put a Linear or Conv2d layer before it"
+            )
         z = h.numpy()
         info: dict[str, Any] = {"layer": s.name, "kind": s.kind}
         if s.kind == "square":

@@ -15,6 +15,7 @@ import torch
 
 from modelshield.core.data import Dataset
 from modelshield.core.results import PoisonResult, ProbeResult
+from modelshield.core.seeding import make_generator
 from modelshield.poisoning.audit import audit_training_data, backdoor_susceptibility
 from modelshield.scan.context import ScanContext
 from modelshield.scan.probes import Probe, register_probe
@@ -33,7 +34,7 @@ HOLDOUT = 0.2
 def _subset(ds: Dataset, limit: int | None, seed: int) -> tuple[Dataset, torch.Tensor]:
     if limit is None or len(ds) <= limit:
         return ds, torch.arange(len(ds))
-    g = torch.Generator().manual_seed(seed)
+    g = make_generator(seed)
     idx = torch.randperm(len(ds), generator=g)[:limit].sort().values
     return ds.subset(idx), idx
 
