@@ -10,36 +10,9 @@ import click
 from modelshield.cli.options import executor_options
 
 
-def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """What to train and how (shared by ``train`` and ``audit dp``)."""
+def dp_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The DP-SGD settings (shared by ``train``, ``audit dp`` and ``harden dp``)."""
     options = [
-        click.option(
-            "--train-data", "train_data", required=True, type=click.Path(), help="Training data."
-        ),
-        click.option(
-            "--arch",
-            default="mlp",
-            show_default=True,
-            help="Architecture: mlp, cnn, small_cnn, resnet18 or package.module:factory.",
-        ),
-        click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
-        click.option(
-            "--batch-size",
-            type=click.IntRange(min=1),
-            default=64,
-            show_default=True,
-            help="Batch size (with --dp: the expected size of a Poisson-sampled batch).",
-        ),
-        click.option(
-            "--lr",
-            type=float,
-            help="Learning rate (default: 0.1 for DP-SGD, 1e-3 for Adam without DP).",
-        ),
-        click.option(
-            "--dp/--no-dp",
-            default=None,
-            help="Train with DP-SGD (Opacus); implied by --epsilon or --noise-multiplier.",
-        ),
         click.option(
             "--epsilon", type=float, help="Target epsilon (with --dp); the noise is set to meet it."
         ),
@@ -105,6 +78,42 @@ def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             is_flag=True,
             help="Shuffled fixed-size batches (the epsilon is then not proven).",
         ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What to train and how (shared by ``train`` and ``audit dp``)."""
+    options = [
+        click.option(
+            "--train-data", "train_data", required=True, type=click.Path(), help="Training data."
+        ),
+        click.option(
+            "--arch",
+            default="mlp",
+            show_default=True,
+            help="Architecture: mlp, cnn, small_cnn, resnet18 or package.module:factory.",
+        ),
+        click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=64,
+            show_default=True,
+            help="Batch size (with --dp: the expected size of a Poisson-sampled batch).",
+        ),
+        click.option(
+            "--lr",
+            type=float,
+            help="Learning rate (default: 0.1 for DP-SGD, 1e-3 for Adam without DP).",
+        ),
+        click.option(
+            "--dp/--no-dp",
+            default=None,
+            help="Train with DP-SGD (Opacus); implied by --epsilon or --noise-multiplier.",
+        ),
         click.option(
             "--bounds", default="0,1", show_default=True, help="Input value range LOW,HIGH."
         ),
@@ -116,7 +125,7 @@ def training_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for option in reversed(options):
         fn = option(fn)
-    return fn
+    return dp_options(fn)
 
 
 def _parse(opts: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,12 @@ import click
 from modelshield import __version__
 from modelshield.cli.dp import audit_dp_cmd, train_cmd
 from modelshield.cli.fl import fl_group
+from modelshield.cli.harden import (
+    harden_dp_cmd,
+    harden_gateway_cmd,
+    harden_poison_removal_cmd,
+    harden_watermark_cmd,
+)
 from modelshield.cli.he import he_group
 from modelshield.cli.options import endpoint_options, executor_options, model_options
 from modelshield.cli.poison import audit_data_cmd, fine_prune_cmd, poison_cmd
@@ -622,6 +628,10 @@ cli.add_command(poison_cmd)
 cli.add_command(fl_group)
 cli.add_command(he_group)
 harden_group.add_command(fine_prune_cmd)
+harden_group.add_command(harden_dp_cmd)
+harden_group.add_command(harden_watermark_cmd)
+harden_group.add_command(harden_poison_removal_cmd)
+harden_group.add_command(harden_gateway_cmd)
 audit_group.add_command(audit_data_cmd)
 
 

@@ -174,7 +174,9 @@ def dp_training_probe_result(
             grade=grade,
             meaning="The model was trained without differential privacy: nothing bounds what it reveals "
             f"about any training record.{acc}",
-            recommendation="Train with `modelshield train --dp --epsilon E` if the training data is sensitive.",
+            recommendation="If the training data is sensitive, retrain with DP-SGD: "
+            "`modelshield harden dp --epsilon E` (before/after report) or "
+            "`modelshield train --dp --epsilon E`.",
             threat={"rule": rule},
             details={"accuracy": accuracy, "history": history, "rule": rule},
         )
@@ -338,7 +340,10 @@ def dp_audit_probe_result(res: DPAuditResult) -> ProbeResult:
             f"Without DP, the audit shows epsilon >= {res.eps_lower:.3f} at {res.confidence:.0%} confidence ({how}): "
             "an attacker can tell whether single records were trained on."
         )
-        advice = "Train with DP-SGD (`modelshield train --dp`) if single records must stay private."
+        advice = (
+            "Retrain with DP-SGD (`modelshield harden dp --epsilon E`, or `modelshield train "
+            "--dp`) if single records must stay private."
+        )
     else:
         meaning = (
             f"The empirical lower bound epsilon >= {res.eps_lower:.3f} ({res.confidence:.0%} confidence; {how}) "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-RUBRIC_VERSION = "2026.11-8"
+RUBRIC_VERSION = "2026.11-9"
 
 GRADES = {
     "A": "no practical weakness found at the tested strength",
@@ -17,6 +17,21 @@ GRADES = {
     "D": "serious weakness; the model should not ship as is",
     "F": "the attack succeeds almost always, or the file can run arbitrary code",
 }
+
+HARDEN_COMMANDS = {
+    "evasion": "modelshield harden adversarial",
+    "privacy": "modelshield harden dp",
+    "extraction": "modelshield harden gateway",
+    "watermark": "modelshield harden watermark",
+    "poisoning": "modelshield harden poison-removal",
+}
+"""The ``harden`` command that addresses each risk; every grade's advice names it."""
+
+
+def harden_command(risk: str) -> str:
+    """The ``modelshield harden ...`` command for ``risk`` (see :data:`HARDEN_COMMANDS`)."""
+    return HARDEN_COMMANDS[risk]
+
 
 SUPPLY_CHAIN_RULES = {
     "A": "a format that runs no Python code on load (weights-only tensors, torch.export, ONNX, TorchScript)",
@@ -190,6 +205,9 @@ def rubric_document() -> dict[str, Any]:
         + "; F: above. Poisoning susceptibility: attack success rate of a BadNets backdoor "
         "planted with the probe's small poison rate in a quick retrain; "
         + "; ".join(f"{g}: <= {t:.2f}" for g, t in SUSCEPTIBILITY_THRESHOLDS)
-        + "; F: above. Watermark verification is informational (an ownership check)."
+        + "; F: above. Watermark verification is informational (an ownership check). "
+        "Remedies: each risk's advice names the command that addresses it: "
+        + "; ".join(f"{risk}: `{cmd}`" for risk, cmd in HARDEN_COMMANDS.items())
+        + " (supply chain: re-save the model as weights or torch.export)."
     )
     return {"version": RUBRIC_VERSION, "text": text, "grades": dict(GRADES)}

@@ -83,7 +83,10 @@ class DPClaimProbe(Probe):
         if problems:
             res.grade = "F"
             res.meaning = "The privacy claim cannot be relied on: " + "; ".join(problems) + "."
-            res.recommendation = "Retrain with `modelshield train --dp` and ship the ledger it writes with the model."
+            res.recommendation = (
+                "Retrain with `modelshield harden dp --epsilon E` (or `modelshield train --dp`) "
+                "and ship the ledger it writes with the model."
+            )
             res.threat["rule"] = res.details["rule"] = (
                 "a ledger that does not match its model or its own parameters: F"
             )

@@ -3,8 +3,9 @@
 Runs Knockoff Nets (Orekondy et al., CVPR 2019) through the model's query interface with
 half of the test data as the attacker's pool and the other half to measure fidelity (top-1
 agreement of copy and model). The budget comes from the profile (``quick`` 500,
-``standard`` 2000, ``thorough`` 10000 queries), capped by the pool's size; the grade reads
-the fidelity reached at that budget.
+``standard`` 2000, ``thorough`` 10000 queries) unless ``options["extraction_queries"]``
+sets it (``harden gateway --queries``), capped by the pool's size; the grade reads the
+fidelity reached at that budget.
 """
 
 from __future__ import annotations
@@ -86,10 +87,12 @@ def extraction_probe_result(
     if note:
         meaning += f" {note}"
     recommendation = (
-        "Answer with labels only (no scores) or coarsely rounded top-1 scores, rate-limit "
-        "and budget queries per client, and watch the query stream for extraction patterns: "
-        "`modelshield serve` can front the model with the PRADA detector (Juuti et al. 2019). "
-        "Watermark the model (`modelshield watermark embed`) to prove ownership of a copy."
+        "Put the model behind a defended gateway: `modelshield harden gateway --defense "
+        "label-only --defense budget=N --defense prada=0.9,action=block` measures this probe "
+        "against the undefended and the defended API and writes gateway.json for "
+        "`modelshield serve --config` (labels only, per-client budgets and rates, the PRADA "
+        "detector of Juuti et al. 2019). Watermark the model (`modelshield harden watermark`) "
+        "to prove ownership of a copy."
         if grade not in ("A", "B")
         else "The copy stays far from the model at this budget; keep per-client query limits."
     )
@@ -191,7 +194,7 @@ class ExtractionProbe(Probe):
         perm = torch.randperm(len(data), generator=make_generator(ctx.seed))
         half = len(data) // 2
         pool_idx, eval_idx = perm[:half].sort().values, perm[half:].sort().values
-        budget = PROFILE_BUDGETS[ctx.profile]
+        budget = int(ctx.options.get("extraction_queries") or PROFILE_BUDGETS[ctx.profile])
         queries = min(budget, half)
         scores = base.raw_output != "label" and base.access.output != "label"
         saved = base.access
@@ -217,7 +220,7 @@ class ExtractionProbe(Probe):
         finally:
             base.access = saved
         note = (
-            f"The {ctx.profile} profile's budget of {budget} queries was capped at the pool's "
+            f"The budget of {budget} queries was capped at the pool's "
             f"size ({half}: half of --data)."
             if queries < budget
             else ""

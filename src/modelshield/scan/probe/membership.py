@@ -41,8 +41,10 @@ def membership_probe_result(
         "Little leakage at this attack strength; confirm with LiRA and more reference models "
         "(`modelshield audit membership --attack lira --shadow-models 16`)."
         if grade in ("A", "B")
-        else "Train with differential privacy (DP-SGD), or regularise "
-        "(weight decay, early stopping, data augmentation) and re-audit."
+        else "Retrain with differential privacy: `modelshield harden dp --epsilon 8 "
+        "--train-data TRAIN --data TEST --model MODEL --out DIR` (DP-SGD, Abadi et al. 2016) "
+        "writes the private model and this probe before and after; or regularise (weight "
+        "decay, early stopping, data augmentation) and re-audit."
     )
     return ProbeResult(
         probe=name,

@@ -71,8 +71,9 @@ def detection_probe_result(
     advice = (
         "No cluster of suspect samples found at this strength; keep auditing new data."
         if not res.indices
-        else "Inspect the flagged samples (result.json lists them); retrain without them "
-        "(`modelshield audit data` writes clean.npz) and check the retrained model."
+        else "Inspect the flagged samples (result.json lists them) and retrain without them: "
+        "`modelshield harden poison-removal --model MODEL --train-data TRAIN --data TEST "
+        "--out DIR` writes the retrained model, clean.npz and this probe before and after."
     )
     plots: list[dict[str, Any]] = [
         {
@@ -137,8 +138,9 @@ def susceptibility_probe_result(runs: list[dict[str, Any]], *, seed: int = 0) ->
         "A backdoor did not take at this poison rate; larger rates may still succeed."
         if grade in ("A", "B")
         else "A handful of poisoned samples plants a backdoor: vet the data's provenance, "
-        "audit it (`modelshield audit data`) before every training run, and consider "
-        "fine-pruning or retraining without flagged samples."
+        "audit it (`modelshield audit data`) before every training run, and remove what it "
+        "finds (`modelshield harden poison-removal`, or `modelshield harden fine-prune` "
+        "when only clean data is at hand)."
     )
     plots = []
     if len(runs) > 1:

@@ -64,8 +64,9 @@ def inversion_probe_result(res: InversionResult, *, seed: int = 0) -> ProbeResul
             f"mean cosine similarity {res.mean_cosine:.2f}. This matters when a class is a person."
         ),
         recommendation=(
-            "If classes identify people, train with differential privacy and expose only labels or "
-            "rounded scores; otherwise this is expected of an accurate model."
+            "If classes identify people, retrain with differential privacy (`modelshield harden "
+            "dp`) and expose only labels (`modelshield harden gateway --defense label-only`); "
+            "otherwise this is expected of an accurate model."
         ),
         threat={"attacker": "white-box access, reconstructs class representatives", "rule": rule},
         details={
@@ -152,7 +153,8 @@ def attribute_probe_result(res: AttributeInferenceResult, *, seed: int = 0) -> P
         ),
         recommendation=(
             "The model reveals the sensitive feature beyond what the other features do: drop or "
-            "decorrelate it, expose labels only, or train with differential privacy."
+            "decorrelate it, expose labels only (`modelshield harden gateway --defense "
+            "label-only`), or retrain with differential privacy (`modelshield harden dp`)."
             if grade not in ("A", "B")
             else "No leak beyond the baseline at this strength."
         ),

@@ -66,7 +66,8 @@ def verify_probe_result(
         )
         advice = (
             "If this model should carry your mark, check that the key belongs to it (key id, "
-            "model SHA-256) and that the endpoint's labels follow the training label order."
+            "model SHA-256) and that the endpoint's labels follow the training label order; "
+            "to mark a model of your own, use `modelshield harden watermark`."
         )
     if same_file is True:
         meaning += " The file is the very one the watermark was embedded in (same SHA-256)."
@@ -127,6 +128,22 @@ def verify_probe_result(
     )
 
 
+def verify_with_key(
+    target: Any,
+    key: Any,
+    *,
+    significance: float = 1e-6,
+    model_sha256: str | None = None,
+    seed: int | None = 0,
+) -> ProbeResult:
+    """What the probe measures, for a :class:`~modelshield.watermark.WatermarkKey` in memory
+    (``harden watermark`` checks the model before and after, before the key is written)."""
+    from modelshield.watermark import verify
+
+    verdict = verify(target, key, significance=significance)
+    return verify_probe_result(verdict, key.public_dict(), model_sha256=model_sha256, seed=seed)
+
+
 @register_probe
 class WatermarkProbe(Probe):
     """Ownership: verify the trigger-set watermark of --watermark-key on the model (Adi et al. 2018)."""
@@ -148,13 +165,14 @@ class WatermarkProbe(Probe):
         return None
 
     def run(self, ctx: ScanContext) -> ProbeResult:
-        from modelshield.watermark import WatermarkKey, verify
+        from modelshield.watermark import WatermarkKey
 
         key = WatermarkKey.load(Path(ctx.options["watermark_key"]))
         target: Any = ctx.classifier
         if target is None:
             target = ctx.oracle if ctx.oracle is not None else ctx.model.oracle  # type: ignore[union-attr]
         significance = float(ctx.options.get("watermark_significance") or 1e-6)
-        verdict = verify(target, key, significance=significance)
         sha = ctx.model.file.sha256 if ctx.model is not None else None
-        return verify_probe_result(verdict, key.public_dict(), model_sha256=sha, seed=ctx.seed)
+        return verify_with_key(
+            target, key, significance=significance, model_sha256=sha, seed=ctx.seed
+        )

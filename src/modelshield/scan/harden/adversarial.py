@@ -1,4 +1,5 @@
-"""``modelshield harden adversarial``: adversarial training with a before/after report.
+"""``modelshield harden adversarial``: adversarial training (Madry et al. 2018) with a
+before/after report.
 
 The same evasion probe measures the model before and after, at the training eps, so the
 two curves are comparable; the hardened model is written as a ``torch.export`` program
@@ -22,7 +23,7 @@ from torch import nn
 from modelshield import __version__
 from modelshield.core.architectures import ARCHITECTURES, build
 from modelshield.core.classifier import Classifier, from_torch
-from modelshield.core.data import Dataset, load_dataset
+from modelshield.core.data import Dataset
 from modelshield.core.device import select_device
 from modelshield.core.errors import InvalidConfigError, UnsupportedModelError
 from modelshield.core.io import atomic_open
@@ -31,12 +32,19 @@ from modelshield.core.results import ProbeResult
 from modelshield.core.seeding import check_seed, seed_everything
 from modelshield.core.train import train_classifier
 from modelshield.defenses.adversarial import AdversarialTrainingConfig, adversarial_train
-from modelshield.report import build_report, write_reports
-from modelshield.scan.context import PROFILES, ScanContext
+from modelshield.scan.context import ScanContext
+from modelshield.scan.harden.common import (
+    HardenOutcome,
+    check_profile,
+    hardening_result,
+    load_pair,
+    renamed,
+    write_report,
+)
 from modelshield.scan.probe.evasion import WhiteBoxEvasionProbe
 from modelshield.scan.probe.model_file import ModelFileProbe
-from modelshield.scan.rubric import grade_evasion, rubric_document
-from modelshield.scan.rundir import RunDir, run_record
+from modelshield.scan.rubric import grade_evasion
+from modelshield.scan.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -69,19 +77,6 @@ class HardenConfig:
     fresh: bool = False
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class HardenOutcome:
-    out: Path
-    model_path: Path
-    reports: dict[str, Path]
-    results: list[ProbeResult]
-
-
-def _renamed(result: ProbeResult, name: str, title: str) -> ProbeResult:
-    result.probe, result.title = name, title
-    return result
 
 
 def _start_module(
@@ -134,19 +129,10 @@ def harden_adversarial(cfg: HardenConfig) -> HardenOutcome:
     """Measure, adversarially train, save, re-load, measure again, and report."""
     started = time.time()
     check_seed(cfg.seed)
-    if cfg.profile not in PROFILES:
-        raise InvalidConfigError(
-            f"profile must be one of {', '.join(PROFILES)}, got {cfg.profile!r}"
-        )
+    check_profile(cfg.profile)
     device = select_device(cfg.device)
     seed_everything(cfg.seed)
-    train = load_dataset(cfg.train_data, bounds=cfg.bounds)
-    test = load_dataset(cfg.data, bounds=cfg.bounds)
-    if train.x.shape[1:] != test.x.shape[1:]:
-        raise InvalidConfigError(
-            f"--train-data samples have shape {tuple(train.x.shape[1:])} but --data samples "
-            f"have {tuple(test.x.shape[1:])}"
-        )
+    train, test = load_pair(cfg.train_data, cfg.data, cfg.bounds)
     settings: dict[str, Any] = {
         "method": cfg.method,
         "norm": cfg.norm,
@@ -246,20 +232,23 @@ def harden_adversarial(cfg: HardenConfig) -> HardenOutcome:
         raise UnsupportedModelError(f"{model_path} did not load back as a white-box model")
     after = evaluate("evasion-after", "Evasion after hardening", hardened.classifier)
     file_ctx = ScanContext(run_dir=run_dir, model=hardened, seed=cfg.seed)
-    file_probe = _renamed(ModelFileProbe().run(file_ctx), "model-file", "Hardened model file")
+    file_probe = renamed(ModelFileProbe().run(file_ctx), "model-file", "Hardened model file")
     summary = _summary(cfg, before, after, training)
     results = [summary, before, after, file_probe]
-    report = build_report(
-        probes=results,
-        run=run_record(cfg.command, cfg.seed, device, started, profile=cfg.profile),
+    paths = write_report(
+        out,
+        results,
+        command=cfg.command,
+        seed=cfg.seed,
+        device=device,
+        started=started,
+        profile=cfg.profile,
         target={
             "model": hardened.file.to_dict(),
             "data": test.describe(),
             "train_data": train.describe(),
         },
-        rubric=rubric_document(),
     )
-    paths = write_reports(report, out)
     return HardenOutcome(out=out, model_path=model_path, reports=paths, results=results)
 
 
@@ -286,14 +275,14 @@ def _summary(
         else "Training did not raise robust accuracy: try more epochs, pgd-at or trades instead "
         "of fgsm-rs (catastrophic overfitting), or a smaller eps ramp."
     )
-    return ProbeResult(
-        probe="hardening",
+    return hardening_result(
         title=f"Adversarial training ({cfg.method})",
         risk="evasion",
-        status="ok",
-        seed=cfg.seed,
-        wall_time=float(getattr(training, "wall_time", 0.0)),
-        config={"method": cfg.method, "norm": cfg.norm, "eps": cfg.eps, "epochs": cfg.epochs},
+        defence=f"adversarial training ({cfg.method})",
+        rows=[
+            ("clean accuracy", b["clean_accuracy"], a["clean_accuracy"]),
+            ("robust accuracy", rb, ra),
+        ],
         figure={
             "name": f"robust accuracy after, at {cfg.norm} eps {cfg.eps:g}",
             "value": ra,
@@ -301,15 +290,16 @@ def _summary(
             "confidence": 0.95,
         },
         grade=grade,
+        rule=rule,
         meaning=meaning,
         recommendation=advice,
-        threat={"norm": cfg.norm, "eps": cfg.eps, "access": "white-box", "rule": rule},
+        seed=cfg.seed,
+        wall_time=float(getattr(training, "wall_time", 0.0)),
+        config={"method": cfg.method, "norm": cfg.norm, "eps": cfg.eps, "epochs": cfg.epochs},
         details={
-            "before": {"clean_accuracy": b["clean_accuracy"], "robust_accuracy": rb},
-            "after": {"clean_accuracy": a["clean_accuracy"], "robust_accuracy": ra},
             "clean_accuracy_cost": cost,
             "training_history": history if isinstance(history, list) else [],
-            "rule": rule,
+            "threat": {"norm": cfg.norm, "eps": cfg.eps, "access": "white-box"},
         },
         plots=[
             {
@@ -344,15 +334,6 @@ def _summary(
                         "lo": [c["ci"][0] for c in a["curve"]],
                         "hi": [c["ci"][1] for c in a["curve"]],
                     },
-                ],
-            },
-            {
-                "kind": "table",
-                "title": "Before and after",
-                "columns": ["", "clean accuracy", f"robust accuracy at eps {cfg.eps:g}"],
-                "rows": [
-                    ["before", round(b["clean_accuracy"], 4), round(rb, 4)],
-                    ["after", round(a["clean_accuracy"], 4), round(ra, 4)],
                 ],
             },
         ],
