@@ -39,11 +39,59 @@ def _floats(text: str | None, name: str, count: int | None = None) -> list[float
     return values
 
 
+def _apply_config(opts: dict[str, Any]) -> None:
+    """Fill options not given on the command line from ``--config`` (``harden gateway``'s
+    gateway.json); the model file must still have the SHA-256 the config names."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    path = Path(opts["config"])
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from None
+    if not isinstance(doc, dict) or doc.get("format") != "modelshield-gateway":
+        raise click.BadParameter(
+            f"{path} is not a gateway config (written by 'modelshield harden gateway')",
+            param_hint="--config",
+        )
+    model = doc.get("model") or {}
+    if opts["model"] is None:
+        opts["model"] = model.get("path")
+        want = model.get("sha256")
+        if want and Path(str(opts["model"])).is_file():
+            got = hashlib.sha256(Path(str(opts["model"])).read_bytes()).hexdigest()
+            if got != want:
+                raise click.BadParameter(
+                    f"{opts['model']} has changed since {path} was written (SHA-256 differs); "
+                    "re-run 'modelshield harden gateway'",
+                    param_hint="--config",
+                )
+    if not opts["defenses"]:
+        opts["defenses"] = tuple(doc.get("defenses") or ())
+    for key in ("reference_data", "arch"):
+        if opts.get(key) is None and doc.get(key) is not None:
+            opts[key] = doc[key]
+    for key in ("bounds", "mean", "std"):
+        if opts.get(key) is None and doc.get(key) is not None:
+            opts[key] = ",".join(str(v) for v in doc[key])
+    source = click.get_current_context().get_parameter_source("max_batch")
+    if doc.get("max_batch") and source == click.core.ParameterSource.DEFAULT:
+        opts["max_batch"] = int(doc["max_batch"])
+
+
 @click.command("serve")
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False),
+    help="A gateway.json from 'modelshield harden gateway': model, defences and their data "
+    "(options given here take precedence).",
+)
 @click.option(
     "--model",
     "model",
-    required=True,
     type=click.Path(dir_okay=False),
     help="Model file: torch.export .pt2, TorchScript, state_dict (+ --arch), ONNX, or a pickle (needs --trust-pickle).",
 )
@@ -130,6 +178,7 @@ def serve_cmd(**opts: Any) -> None:
           --defense rate=10/s --defense budget=5000 --defense prada=0.9 --prada-action block
       modelshield serve --model model.pt2 --defense ood=1e-4,action=block \\
           --reference-data validation.npz
+      modelshield serve --config hardened/gateway.json   # from 'modelshield harden gateway'
     Query it with HttpOracle("http://127.0.0.1:8000/predict"), or
       curl -s localhost:8000/predict -d '{"inputs": [[...]]}' -H 'X-Client-Id: alice'
     """
@@ -138,6 +187,10 @@ def serve_cmd(**opts: Any) -> None:
     from modelshield.serve.defenses import OodDefense, PradaDefense, parse_defense
     from modelshield.serve.server import is_loopback, run
 
+    if opts["config"] is not None:
+        _apply_config(opts)
+    if opts["model"] is None:
+        raise click.UsageError("give --model PATH or --config gateway.json")
     defenses = [parse_defense(spec) for spec in opts["defenses"]]
     if opts["prada_action"] is not None:
         prada = [d for d in defenses if isinstance(d, PradaDefense)]

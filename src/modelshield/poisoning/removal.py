@@ -46,8 +46,13 @@ def retrain_without(
     seed: int = 0,
     bounds: tuple[float, float] = (0.0, 1.0),
     device: torch.device | str = "cpu",
+    like: Classifier | None = None,
 ) -> Classifier:
-    """A fresh ``arch`` model trained on ``data`` without the ``flagged`` indices."""
+    """A fresh ``arch`` model trained on ``data`` without the ``flagged`` indices.
+
+    ``like``: retrain a freshly initialised copy of this model's architecture instead
+    (its own layers, or an exported graph's; :func:`~modelshield.poisoning.audit.fresh_copy`).
+    """
     keep = torch.ones(len(data), dtype=torch.bool)
     idx = torch.as_tensor(flagged, dtype=torch.long)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(data)):
@@ -55,6 +60,26 @@ def retrain_without(
     keep[idx] = False
     if int(keep.sum()) < 2:
         raise DataError("removing the flagged samples leaves fewer than 2 to train on")
+    if like is not None:
+        from modelshield.core.train import train_classifier
+        from modelshield.poisoning.audit import fresh_copy
+
+        if not isinstance(like.module, torch.nn.Module):
+            raise DataError("retraining needs a torch model to copy the architecture of")
+        clean = data.subset(keep)
+        clone = copy.copy(like)
+        clone.module = fresh_copy(like.module, seed=seed)  # type: ignore[assignment]
+        train_classifier(
+            clone.module,  # type: ignore[arg-type]
+            clean.x,
+            clean.y,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+        )
+        return clone
     return train_model(
         data.subset(keep),
         arch=arch,

@@ -270,6 +270,16 @@ def run_audit_data(**opts: Any) -> dict[str, Any]:
     return summary
 
 
+def load_poison_record(path: str) -> PoisonResult:
+    """A ``NAME.poison.json`` record (``--poison-record``), with one-line errors."""
+    try:
+        return PoisonResult.from_dict(json.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise DataError(f"--poison-record {path}: no such file") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(f"--poison-record {path}: not a poison record ({exc})") from None
+
+
 def fine_prune_probe_result(
     info: dict[str, Any], before: dict[str, Any], after: dict[str, Any], *, seed: int
 ) -> ProbeResult:
@@ -342,14 +352,7 @@ def run_fine_prune(**opts: Any) -> dict[str, Any]:
             raise InvalidConfigError(
                 "--poison-record needs --test-data (where the ASR is measured)"
             )
-        try:
-            record = PoisonResult.from_dict(json.loads(Path(opts["poison_record"]).read_text()))
-        except FileNotFoundError:
-            raise DataError(f"--poison-record {opts['poison_record']}: no such file") from None
-        except (OSError, ValueError, TypeError) as exc:
-            raise DataError(
-                f"--poison-record {opts['poison_record']}: not a poison record ({exc})"
-            ) from None
+        record = load_poison_record(opts["poison_record"])
     loaded = _load(opts, clean.input_shape, device)
     if loaded.classifier is None:
         raise UnsupportedModelError(f"fine-pruning needs a torch model, got a {loaded.kind} model")
