@@ -39,3 +39,31 @@ def test_supply_chain_grades() -> None:
 def test_document_names_its_version() -> None:
     doc = rubric_document()
     assert doc["version"] == RUBRIC_VERSION and "capped at D" in doc["text"]
+
+
+def test_every_graded_risk_names_its_harden_command() -> None:
+    from modelshield.scan.rubric import HARDEN_COMMANDS, harden_command
+
+    doc = rubric_document()["text"]
+    for risk in ("evasion", "privacy", "extraction", "poisoning", "watermark"):
+        cmd = harden_command(risk)
+        assert cmd.startswith("modelshield harden ") and cmd in doc
+    assert set(HARDEN_COMMANDS.values()) == {
+        f"modelshield harden {n}"
+        for n in ("adversarial", "dp", "gateway", "watermark", "poison-removal")
+    }
+
+
+def test_remedies_point_at_harden_commands() -> None:
+    from modelshield.core.results import ExtractionResult, MembershipResult, PoisonResult
+    from modelshield.scan.probe.extraction import extraction_probe_result
+    from modelshield.scan.probe.membership import membership_probe_result
+    from modelshield.scan.probe.poisoning import detection_probe_result
+
+    leak = MembershipResult(attack="loss", auc=0.9, tpr_at_fpr={"0.01": 0.5, "0.001": 0.2})
+    assert "modelshield harden dp" in membership_probe_result(leak).recommendation
+    copy = ExtractionResult(method="knockoff", fidelity=0.95, queries_used=100)
+    copy.details = {"n_eval": 100, "agree": 95}
+    assert "modelshield harden gateway" in extraction_probe_result(copy).recommendation
+    poison = PoisonResult(method="spectral", indices=[1, 2], details={"n": 10})
+    assert "modelshield harden poison-removal" in detection_probe_result(poison).recommendation

@@ -51,7 +51,7 @@ def _rows(outcome: Any) -> list[str]:
     return lines
 
 
-@click.command("dp")
+@click.command("dp", short_help="Retrain with DP-SGD; before/after report.")
 @click.option(
     "--model",
     "model",
@@ -109,7 +109,7 @@ def harden_dp_cmd(**opts: Any) -> None:
     )
 
 
-@click.command("watermark")
+@click.command("watermark", short_help="Embed a trigger-set watermark; before/after report.")
 @click.option(
     "--model",
     "model",
@@ -180,7 +180,9 @@ def harden_watermark_cmd(**opts: Any) -> None:
     )
 
 
-@click.command("poison-removal")
+@click.command(
+    "poison-removal", short_help="Remove flagged poison and retrain; before/after report."
+)
 @click.option(
     "--model",
     "model",
@@ -257,7 +259,7 @@ def harden_poison_removal_cmd(**opts: Any) -> None:
     )
 
 
-@click.command("gateway")
+@click.command("gateway", short_help="Anti-extraction gateway config; before/after report.")
 @click.option(
     "--model", "model", required=True, type=click.Path(dir_okay=False), help="The model to serve."
 )
