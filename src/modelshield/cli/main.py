@@ -25,6 +25,7 @@ from modelshield.cli.harden import (
     harden_watermark_cmd,
 )
 from modelshield.cli.he import he_group
+from modelshield.cli.mpc import mpc_group
 from modelshield.cli.options import endpoint_options, executor_options, model_options
 from modelshield.cli.poison import audit_data_cmd, fine_prune_cmd, poison_cmd
 from modelshield.cli.serve import serve_cmd
@@ -627,6 +628,7 @@ audit_group.add_command(audit_dp_cmd)
 cli.add_command(poison_cmd)
 cli.add_command(fl_group)
 cli.add_command(he_group)
+cli.add_command(mpc_group)
 harden_group.add_command(fine_prune_cmd)
 harden_group.add_command(harden_dp_cmd)
 harden_group.add_command(harden_watermark_cmd)

@@ -1,0 +1,316 @@
+"""``modelshield mpc``: real parties as OS processes over TCP on 127.0.0.1.
+
+End-to-end inference on the bundled digits, joint training on split data, what each party
+sends (no plaintext input or weight; shares independent of the input), and failures
+(a dead party gives a one-line error, not a hang).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+if importlib.util.find_spec("mpyc") is None:  # not importorskip: MPyC parses sys.argv on import
+    pytest.skip("MPyC is not installed", allow_module_level=True)
+
+from modelshield.core.data import load_dataset
+from modelshield.crypto.mpc.commands import free_ports
+from modelshield.crypto.mpc.engine import load_transcript, require_mpyc
+from modelshield.crypto.mpc.model import compile_model
+from tests.cli.test_cli import assert_one_line_error
+from tests.conftest import CLI, run_cli
+
+pytestmark = pytest.mark.network
+require_mpyc()  # the transcripts are pickles of MPyC field arrays
+
+
+@dataclass
+class Files:
+    root: Path
+    model: Path
+    data: Path
+    net: nn.Module
+    run: Path
+    result: dict
+
+
+def _train_mlp(seed: int = 0) -> tuple[nn.Module, object]:
+    digits = load_dataset("digits")
+    train, test = digits.subset(range(1437)), digits.subset(range(1437, 1797))
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(400):
+        idx = torch.randint(0, len(train), (64,))
+        loss = nn.functional.cross_entropy(net(train.x[idx]), train.y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval(), test
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
+    """A 64-32-10 ReLU MLP on digits (.pt2), the 360 held-out digits, and one 3-party run."""
+    d = tmp_path_factory.mktemp("mpc")
+    net, test = _train_mlp()
+    test.to_npz(d / "test.npz")  # type: ignore[attr-defined]
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    prog = torch.export.export(net, (test.x[:2],), dynamic_shapes=({0: batch},))  # type: ignore[attr-defined]
+    torch.export.save(prog, d / "model.pt2")
+    run = d / "run"
+    r = run_cli("mpc", "infer", "--model", str(d / "model.pt2"), "--data", str(d / "test.npz"),
+                "--parties", "3", "--out", str(run), "--transcripts")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads((run / "result.json").read_text())
+    return Files(d, d / "model.pt2", d / "test.npz", net, run, result)
+
+
+def test_infer_agrees_with_plaintext(files: Files) -> None:
+    r = files.result
+    assert r["n"] == 360 and r["parties"] == 3
+    assert r["roles"] == ["model", "data", "compute"]
+    assert r["argmax_agreement"] >= 0.995, r
+    assert abs(r["accuracy"] - r["plaintext_accuracy"]) <= 0.005
+    assert r["plaintext_accuracy"] > 0.85  # a trained model, so agreement is not trivial
+    assert set(r["bytes_sent"]) == {"0", "1", "2"} and min(r["bytes_sent"].values()) > 0
+    assert r["latency"]["seconds_per_batch"] > 0 and r["latency"]["batches"] == 4
+    assert "honest majority" in r["security"]
+    # each party is its own process with its own record; only the data owner got outputs
+    parties = [json.loads((files.run / f"party-{i}.json").read_text()) for i in range(3)]
+    assert [p["pid"] for p in parties] == [0, 1, 2]
+    assert sorted(p.name for p in files.run.glob("party-*-outputs.npz")) == ["party-1-outputs.npz"]
+    assert "accuracy" in parties[1] and "accuracy" not in parties[0]
+
+
+def _leaks(payloads: list[bytes], secrets: list[np.ndarray], frac_bits: int) -> list[str]:
+    """Encodings of ``secrets`` found in ``payloads``: float64/32 (both byte orders) and
+    fixed-point int64/32, as runs of consecutive values (as a raw array carries them) and,
+    for high-entropy float64 values, one by one (as a pickled list of floats carries them)."""
+    pats: dict[bytes, list[tuple[bytes, int, str]]] = {}
+
+    def add(full: bytes, label: str) -> None:
+        j = max(range(len(full) - 7), key=lambda i: 8 - full[i : i + 8].count(0))
+        if full[j : j + 8].count(0) <= 4:  # a key of mostly zeros says nothing about a secret
+            pats.setdefault(full[j : j + 8], []).append((full, j, label))
+
+    for k, a in enumerate(secrets):
+        a = np.asarray(a, dtype=np.float64).reshape(-1)
+        fixed = np.rint(a * 2**frac_bits)
+        for dtype, vals in (
+            ("<f8", a), (">f8", a), ("<f4", a), (">f4", a), ("<i8", fixed), ("<i4", fixed),
+        ):  # fmt: skip
+            flat = np.ascontiguousarray(vals, dtype=dtype)
+            width = 4 if flat.itemsize == 4 else 3
+            step = max(1, (len(flat) - width) // 20)  # a sample of positions keeps it fast
+            for i in range(0, len(flat) - width + 1, step):
+                add(flat[i : i + width].tobytes(), f"secret {k} as {dtype}")
+                if dtype.endswith("f8"):
+                    add(flat[i : i + 1].tobytes(), f"secret {k} as single {dtype} values")
+    keys = np.frombuffer(b"".join(pats), dtype="<u8")
+    blob = b"".join(payloads)
+    found: set[str] = set()
+    for off in range(8):
+        view = np.frombuffer(blob, dtype="<u8", offset=off, count=(len(blob) - off) // 8)
+        for h in np.nonzero(np.isin(view, keys))[0][:10000]:
+            pos = off + 8 * int(h)
+            for full, j, label in pats[blob[pos : pos + 8]]:
+                if blob[pos - j : pos - j + len(full)] == full:
+                    found.add(label)
+    return sorted(found)
+
+
+def test_no_plaintext_input_or_weight_is_sent(files: Files) -> None:
+    test = load_dataset(str(files.data))
+    x = test.x.double().reshape(len(test), -1).numpy()
+    model = compile_model(files.net, (1, 8, 8))
+    weights = [la.w for la in model.layers if la.w is not None]
+    weights += [la.b for la in model.layers if la.b is not None]
+    torch_w = [p.detach().numpy() for p in files.net.parameters()]
+    secrets = [x, *weights, *torch_w]
+    payloads = {i: load_transcript(files.run / f"party-{i}-transcript.pkl") for i in range(3)}
+    assert all(len(t) > 10 for t in payloads.values())
+    for i, msgs in payloads.items():
+        leaks = _leaks([m[2] for m in msgs], secrets, 16)
+        assert not leaks, f"party {i} sent {leaks}"
+    # the shares of the input are not its fixed-point encoding either (elementwise)
+    sent = [pickle.loads(b) for ph, peer, b in payloads[1] if ph == "input:x" and peer == 2]
+    p = int(json.loads((files.run / "party-1.json").read_text())["field_modulus"])
+    enc = np.array([int(v) % p for v in np.rint(x[:100].reshape(-1) * 2**16)], dtype=object)
+    got = np.array([int(v) for v in sent[0]], dtype=object)
+    assert len(got) == enc.size and np.mean(got == enc) < 0.01
+    # and the check itself can fail: a raw float32 weight array in a message is found
+    w0 = torch_w[0]
+    assert _leaks([b"\x00header" + w0.astype("<f4").tobytes()], [w0], 16)
+    assert _leaks([pickle.dumps([float(v) for v in w0[0]])], [w0], 16)
+    # (float64 digits k/16 are mostly zero bytes: the elementwise check above covers them)
+    assert _leaks([b"\x01" + x.astype("<f4").tobytes()], [x], 16)
+
+
+def _ks_two_sample(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import ks_2samp
+
+    return float(ks_2samp(a, b).pvalue)
+
+
+def _received_shares(run: Path) -> tuple[np.ndarray, int]:
+    """What party 2 received from the data owner for its input, scaled to [0, 1)."""
+    p = int(json.loads((run / "party-1.json").read_text())["field_modulus"])
+    msgs = [b for ph, peer, b in load_transcript(run / "party-1-transcript.pkl")
+            if ph == "input:x" and peer == 2]  # fmt: skip
+    vals = np.concatenate([np.array([int(v) for v in pickle.loads(m)], dtype=object) for m in msgs])
+    return np.array([float(v) / p for v in vals]), p
+
+
+def test_shares_do_not_depend_on_the_input(files: Files, tmp_path: Path) -> None:
+    """Two-sample KS test: party 2's shares of input A vs a very different input B."""
+    test = load_dataset(str(files.data))
+    inv = test.subset(range(100))
+    inv.x = 1.0 - inv.x  # input B: the negatives of A's first 100 digits
+    inv.to_npz(tmp_path / "b.npz")
+    run_b = tmp_path / "run_b"
+    r = run_cli("mpc", "infer", "--model", str(files.model), "--data", str(tmp_path / "b.npz"),
+                "--out", str(run_b), "--transcripts")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    ua, p = _received_shares(files.run)
+    ub, _ = _received_shares(run_b)
+    ua = ua[: len(ub)]
+    assert len(ua) == len(ub) == 100 * 64
+    alpha = 1e-4  # a false alarm once in 10^4 runs
+    assert _ks_two_sample(ua, ub) > alpha
+    from scipy.stats import kstest
+
+    assert kstest(ua, "uniform").pvalue > alpha and kstest(ub, "uniform").pvalue > alpha
+    # the same test does see the dependence when plaintext is sent instead of shares
+    xa = test.x[:100].double().reshape(-1).numpy()
+    xb = inv.x.double().reshape(-1).numpy()
+    plain_a = np.array([float(int(v) % p) / p for v in np.rint(xa * 2**16)])
+    plain_b = np.array([float(int(v) % p) / p for v in np.rint(xb * 2**16)])
+    assert _ks_two_sample(plain_a, plain_b) < 1e-10
+    # fresh randomness: the same input shared twice gives different shares
+    u_again, _ = _received_shares(files.run)
+    assert np.array_equal(ua, u_again[: len(ua)])  # same file, same values (sanity)
+    assert np.mean(ua[:100] == ub[:100]) < 0.05
+
+
+def test_broken_model_file_fails_fast_with_one_line(files: Files, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.pt2"
+    bad.write_bytes(files.model.read_bytes()[:200])
+    t0 = time.monotonic()
+    r = run_cli("mpc", "infer", "--model", str(bad), "--data", str(files.data), "--out",
+                str(tmp_path / "o"), "--timeout", "60")  # fmt: skip
+    assert_one_line_error(r, "broken.pt2")
+    assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "o" / "result.json").exists()
+
+
+def test_model_party_crash_mid_launch_is_reported(files: Files, tmp_path: Path) -> None:
+    """The launcher reads the model fine, but the model party cannot (file gone)."""
+    from modelshield.crypto.mpc.commands import PartySpec, launch
+    from modelshield.crypto.mpc.engine import MPCError
+
+    specs = [
+        PartySpec("model", ["--model", str(tmp_path / "missing.pt2")]),
+        PartySpec("data", ["--data", str(files.data), "--limit", "5"]),
+        PartySpec("compute", []),
+    ]
+    t0 = time.monotonic()
+    with pytest.raises(MPCError, match=r"party 0 \(model\) failed: .*missing\.pt2"):
+        launch(specs, tmp_path / "o", common=[], timeout=60)
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_party_that_dies_mid_run_ends_the_others(files: Files, tmp_path: Path) -> None:
+    """Parties started by hand (as on three hosts); party 2 is killed during the run."""
+    ports = free_ports(3)
+    addr = ",".join(f"127.0.0.1:{p}" for p in ports)
+    roles = [
+        ["--role", "model", "--model", str(files.model), "--input-shape", "1,8,8"],
+        ["--role", "data", "--data", str(files.data), "--batch-size", "1"],
+        ["--role", "compute"],
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmds = [
+        [*CLI, "-v", "mpc", "party", "--id", str(i), "--parties", addr,
+         "--out", str(tmp_path / f"p{i}"), "--timeout", "120", *roles[i]]
+        for i in range(3)
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(c, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+        for c in cmds
+    ]
+    try:
+        assert procs[2].stderr is not None
+        deadline = time.monotonic() + 60
+        for line in procs[2].stderr:  # wait until the computation is under way
+            if b"secret inputs shared" in line or time.monotonic() > deadline:
+                break
+        time.sleep(0.5)
+        procs[2].kill()
+        t0 = time.monotonic()
+        for p in procs[:2]:
+            _, err = p.communicate(timeout=30)
+            assert p.returncode == 2, err.decode()
+            assert "party 2 disconnected" in err.decode(), err.decode()
+        assert time.monotonic() - t0 < 30
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_two_parties_are_refused(files: Files, tmp_path: Path) -> None:
+    r = run_cli("mpc", "infer", "--model", str(files.model), "--data", str(files.data),
+                "--parties", "2", "--out", str(tmp_path / "o"))  # fmt: skip
+    assert_one_line_error(r, "--parties", "honest majority")
+
+
+def _shards(tmp_path: Path) -> tuple[list[Path], Path]:
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = (x - x.min(0)) / (x.max(0) - x.min(0))  # public preprocessing: features in [0, 1]
+    idx = np.random.default_rng(0).permutation(len(y))
+    x, y = x[idx].astype(np.float32), y[idx].astype(np.int64)
+    paths = []
+    for k, sl in enumerate((slice(0, 200), slice(200, 455))):
+        np.savez(tmp_path / f"shard{k}.npz", x=x[sl], y=y[sl])
+        paths.append(tmp_path / f"shard{k}.npz")
+    np.savez(tmp_path / "heldout.npz", x=x[455:], y=y[455:])
+    return paths, tmp_path / "heldout.npz"
+
+
+def test_joint_training_matches_pooled_plaintext(tmp_path: Path) -> None:
+    paths, heldout = _shards(tmp_path)
+    out = tmp_path / "train"
+    r = run_cli("mpc", "train", "--data", ",".join(map(str, paths)), "--model", "logistic",
+                "--parties", "3", "--epochs", "10", "--test", str(heldout), "--out", str(out),
+                "--transcripts")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "result.json").read_text())
+    assert res["roles"] == ["data", "data", "compute"] and res["shards"] == [200, 255]
+    # the shares reproduce the same algorithm run in plaintext on the pooled data ...
+    assert res["max_weight_error"] < 0.02, res
+    assert res["accuracy"] == pytest.approx(res["plaintext_same_algorithm_accuracy"], abs=0.02)
+    # ... and the model is about as good as plaintext logistic regression on pooled data
+    assert res["accuracy"] >= res["plaintext_accuracy"] - 0.05 and res["accuracy"] > 0.85
+    with np.load(out / "model.npz") as z:
+        assert z["w"].shape == (30,)
+    # neither shard's rows travel in the clear
+    for k, pth in enumerate(paths):
+        with np.load(pth) as z:
+            xk = z["x"]
+        msgs = load_transcript(out / f"party-{k}-transcript.pkl")
+        assert not _leaks([m[2] for m in msgs], [xk], 16)

@@ -1,0 +1,128 @@
+"""MPC layers against plaintext: each supported layer, on fresh random inputs, in fixed point.
+
+These run the secure program with one in-process MPyC party (the same arithmetic,
+truncation and comparisons as a multi-party run, without the network); the real
+multi-process runs are in ``test_mpc_cli.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+if importlib.util.find_spec("mpyc") is None:  # not importorskip: MPyC parses sys.argv on import
+    pytest.skip("MPyC is not installed", allow_module_level=True)
+
+from modelshield.core.errors import UnsupportedModelError
+from modelshield.crypto.he.train import PolyAct
+from modelshield.crypto.mpc.engine import run_local
+from modelshield.crypto.mpc.model import compile_model
+
+
+class Square(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+
+def _fixed_point_bound(model_out: np.ndarray, frac_bits: int, terms: int) -> float:
+    """Error budget: a few ulps (2^-f) per accumulated product, scaled by the output range."""
+    return terms * 2.0**-frac_bits * max(1.0, float(np.abs(model_out).max()))
+
+
+LAYERS = {
+    "linear": (lambda: nn.Sequential(nn.Linear(12, 5)), (12,)),
+    "conv2d": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Flatten()),
+        (2, 6, 6),
+    ),
+    "avgpool": (
+        lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 3)),
+        (1, 6, 6),
+    ),
+    "batchnorm": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 4)
+        ),
+        (1, 6, 6),
+    ),
+    "relu": (lambda: nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4)), (10,)),
+    "square": (lambda: nn.Sequential(nn.Linear(10, 8), Square(), nn.Linear(8, 3)), (10,)),
+    "polyact": (lambda: nn.Sequential(nn.Linear(10, 8), PolyAct(), nn.Linear(8, 3)), (10,)),
+}
+
+
+def _net(name: str, seed: int) -> tuple[nn.Module, tuple[int, ...]]:
+    factory, shape = LAYERS[name]
+    torch.manual_seed(seed)
+    net = factory()
+    for m in net.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return net.eval(), shape
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_matches_plaintext(name: str) -> None:
+    seed = int(np.random.SeedSequence().entropy % 2**31)  # fresh inputs each run
+    net, shape = _net(name, seed)
+    x = torch.rand((16, *shape), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = net(x).double().reshape(16, -1).numpy()
+    model = compile_model(net, shape)
+    out = run_local(model, x.double().reshape(16, -1).numpy(), frac_bits=16)
+    err = float(np.abs(out - ref).max())
+    fan_in = max(la.w.shape[0] for la in model.layers if la.w is not None)
+    bound = _fixed_point_bound(ref, 16, fan_in)
+    assert err <= bound, f"{name}: |MPC - plaintext| = {err:.2e} > {bound:.2e} (seed {seed})"
+
+
+def test_argmax_and_threshold_labels() -> None:
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    net, shape = _net("relu", seed)
+    x = np.random.default_rng(seed).random((40, 10))
+    model = compile_model(net, shape)
+    ref = model.forward(x)
+    labels = run_local(model, x, reveal="label").reshape(-1)
+    margin = np.sort(ref, axis=1)[:, -1] - np.sort(ref, axis=1)[:, -2]
+    clear = margin > 1e-3  # ties closer than the fixed-point error may go either way
+    assert (labels[clear] == ref.argmax(1)[clear]).all()
+    # one output: the label is logit > 0
+    torch.manual_seed(seed)
+    one = nn.Sequential(nn.Linear(10, 1)).eval()
+    m1 = compile_model(one, (10,))
+    z = m1.forward(x)[:, 0]
+    got = run_local(m1, x, reveal="label").reshape(-1)
+    ok = np.abs(z) > 1e-3
+    assert (got[ok] == (z[ok] > 0)).all()
+
+
+def test_more_fractional_bits_less_error() -> None:
+    net, shape = _net("relu", 0)
+    x = np.random.default_rng(1).random((32, 10))
+    model = compile_model(net, shape)
+    ref = model.forward(x)
+    errs = {f: float(np.abs(run_local(model, x, frac_bits=f) - ref).max()) for f in (6, 10, 16)}
+    assert errs[6] > errs[10] > errs[16], errs
+    assert errs[16] < 1e-3 < errs[6], errs
+
+
+def test_trailing_softmax_is_dropped_and_tanh_refused() -> None:
+    net = nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=1)).eval()
+    m = compile_model(net, (4,))
+    assert [la.kind for la in m.layers] == ["affine"] and m.output == "softmax"
+    with pytest.raises(UnsupportedModelError, match="Tanh"):
+        compile_model(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).eval(), (4,))
+    with pytest.raises(UnsupportedModelError, match="MaxPool2d"):
+        compile_model(
+            nn.Sequential(
+                nn.Conv2d(1, 1, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 2)
+            ).eval(),
+            (1, 6, 6),
+        )
