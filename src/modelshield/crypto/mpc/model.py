@@ -132,7 +132,12 @@ def compile_model(
         else None
     )
     example = probe[:2] if batch is None else probe[:1].expand(batch, *shape).clone()
-    steps = _steps(module, example)
+    try:
+        steps = _steps(module, example)
+    except UnsupportedModelError as exc:  # the HE reader's wording, for this engine
+        raise UnsupportedModelError(
+            str(exc).replace("in encrypted inference", "in MPC inference")
+        ) from exc
     output = "identity"
     while steps and steps[-1].kind in ("sigmoid", "softmax", "relu") and output == "identity":
         output = steps[-1].kind
