@@ -108,15 +108,31 @@ def test_kill_mid_scan_then_resume(tmp_path: Path, bundle: Bundle) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "report.json").exists()
-    kept = {p.name: p.read_bytes() for p in partial.glob("*.json")}
-    done = (out / "probes" / "model-file.json").read_bytes()
+
+    def state(path: Path) -> tuple[bytes, int]:
+        return path.read_bytes(), path.stat().st_mtime_ns
+
+    kept = {p.name: state(p) for p in partial.glob("*.json")}
+    finished = {p.name: state(p) for p in (out / "probes").glob("*.json")}
+    assert "model-file.json" in finished
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
-    assert (out / "probes" / "model-file.json").read_bytes() == done
-    for name, blob in kept.items():
-        assert (partial / name).read_bytes() == blob
+    # nothing finished was recomputed: the files are untouched (content and mtime), the
+    # finished probes were not run again and the stored eps steps were not attacked again
+    for name, before in finished.items():
+        assert state(out / "probes" / name) == before
+        assert f"{name[:-5]}: finished in an earlier run" in r.stderr
+    for name, before in kept.items():
+        assert state(partial / name) == before
     assert r.stderr.count("reusing checkpoint") >= len(kept)
-    assert json.loads((out / "report.json").read_text())["probes"]
+    steps = sorted(int(n.split("-eps")[1].split("-")[0]) for n in kept)
+    attacked = [ln for ln in r.stderr.splitlines() if "robustness:" in ln]
+    for k in steps:
+        assert not any(f"({k + 1}/" in ln for ln in attacked), (k, attacked)
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["run"]["resumed_probes"]) == {n[:-5] for n in finished}
+    plan = {p["probe"]: p for p in report["run"]["estimate"]["probes"]}
+    assert all(plan[n[:-5]]["action"] == "reuse" for n in finished)
 
 
 def test_other_inputs_refuse_the_same_out(tmp_path: Path, bundle: Bundle) -> None:

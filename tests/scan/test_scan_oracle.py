@@ -65,11 +65,13 @@ def test_scan_an_http_endpoint(tmp_path: Path, bundle: Bundle) -> None:
     assert bb["status"] == "ok" and bb["threat"]["attack"] == "square"
     ex = probes["extraction"]
     assert ex["status"] == "ok" and ex["details"]["queries_used"] > 0
-    # every query of both probes reached the server, and nothing else did
+    # every query of both probes and of the time calibration reached the server, and
+    # nothing else did
     spent = (
         bb["details"]["queries_used"]
         + ex["details"]["queries_used"]
         + ex["details"]["eval_queries"]
+        + report["run"]["estimate"]["calibration"]["queries"]
     )
     assert spent == seen["rows"]
     assert probes["model-file"]["status"] == "skipped"

@@ -89,6 +89,12 @@ def _echo_results(results: list[Any]) -> None:
         click.echo(f"{r.probe:<20} {state!s:<8} {fig or r.reason}")
 
 
+def _echo_plan(plan: Any) -> None:
+    """The scan's plan on stderr before it starts: probes, estimated times, skip reasons."""
+    for line in plan.lines():
+        click.echo(line, err=True)
+
+
 class _Group(click.Group):
     """Turns click's multi-line usage errors into our one-line form."""
 
@@ -277,7 +283,7 @@ def scan_cmd(**opts: Any) -> None:
         fresh=opts["fresh"],
         command=opts["command"],
     )
-    outcome = run_scan(cfg)
+    outcome = run_scan(cfg, on_plan=_echo_plan)
     _echo_results(outcome.results)
     click.echo(f"report: {outcome.reports['html']}")
     click.echo(f"report: {outcome.reports['json']}")

@@ -12,6 +12,7 @@ channels of the last convolutional block, the layer Liu et al. (2018) prune.
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 from typing import Any
 
@@ -151,7 +152,17 @@ def final_linear_weight(model: Classifier) -> Tensor:
 
 def clone_module(module: Any) -> Any:
     """A deep copy of a model's module (quietly: deep-copying an exported graph trips a
-    deprecation warning inside torch's pytree code)."""
+    deprecation warning inside torch's pytree code).
+
+    TorchScript modules are copied by a save/load round trip: ``copy.deepcopy`` gives them
+    parameters that are clones in the autograd graph (not leaves), which no optimiser takes.
+    """
+    if isinstance(module, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        torch.jit.save(module, buf)
+        buf.seek(0)
+        first = next(iter(module.parameters()), None)
+        return torch.jit.load(buf, map_location=first.device if first is not None else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return copy.deepcopy(module)

@@ -371,6 +371,18 @@ def _header(report: Mapping[str, Any]) -> str:
             f" · device {_e(run.get('device') or '—')} · {_e(when)}",
         )
     )
+    est = run.get("estimate")
+    if isinstance(est, Mapping) and est.get("total_seconds") is not None:
+        bound = "at most " if est.get("bound") == "upper" else ""
+        took = est.get("actual_seconds")
+        rows.append(
+            (
+                "Time",
+                f"estimated {bound}{_e(format_number(est.get('total_seconds')))} s before starting"
+                + (f" · probes took {_e(format_number(took))} s" if took is not None else "")
+                + " (per probe: <code>run.estimate</code> in report.json)",
+            )
+        )
     ident = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
     risk_grades = sorted((summary.get("risks") or {}).items(), key=lambda kv: risk_order(kv[0]))
     risks = "".join(f"<li>{grade_badge(g)} {_e(risk_label(r))}</li>" for r, g in risk_grades)

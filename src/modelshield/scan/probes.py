@@ -1,7 +1,9 @@
 """Probes: the units of a scan. Each says when it applies and measures one risk.
 
 A probe is a class registered in :data:`PROBES`; ``applies(ctx)`` returns ``None`` when it
-can run or the reason it cannot, and ``run(ctx)`` returns a graded :class:`ProbeResult`.
+can run or the reason it cannot, ``run(ctx)`` returns a graded :class:`ProbeResult`, and
+``cost(ctx)`` states the work ``run`` will do, from which the scan estimates its time
+before starting (:mod:`modelshield.scan.estimate`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from abc import ABC, abstractmethod
 from modelshield.core.registry import Registry
 from modelshield.core.results import ProbeResult
 from modelshield.scan.context import ScanContext
+from modelshield.scan.estimate import Cost
 
 
 class Probe(ABC):
@@ -29,6 +32,14 @@ class Probe(ABC):
     @abstractmethod
     def run(self, ctx: ScanContext) -> ProbeResult:
         """Measure, grade and advise."""
+
+    def cost(self, ctx: ScanContext) -> Cost:
+        """The work ``run(ctx)`` will do, in the units of :mod:`modelshield.scan.estimate`.
+
+        Called while planning, before anything runs; the default is a probe that does no
+        model passes worth timing (file checks, arithmetic).
+        """
+        return Cost(basis="no model passes")
 
     def skipped(self, reason: str, ctx: ScanContext) -> ProbeResult:
         return ProbeResult(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from modelshield.core.seeding import check_seed, seed_everything
 from modelshield.core.threat import NORMS, LpThreat, QueryAccess, check_bounds
 from modelshield.report import build_report, write_reports
 from modelshield.scan.context import PROFILES, ScanContext
+from modelshield.scan.estimate import ScanPlan, estimate_plan
 from modelshield.scan.probes import PROBES, Probe, ordered_probe_names
 from modelshield.scan.rubric import rubric_document
 from modelshield.scan.rundir import RunDir, run_record
@@ -85,6 +87,7 @@ class ScanOutcome:
     reports: dict[str, Path]
     results: list[ProbeResult]
     reused: list[str]
+    plan: ScanPlan | None = None
 
 
 def _describe(ds: Dataset | None) -> dict[str, Any] | None:
@@ -186,8 +189,12 @@ def _ledger_path(cfg: ScanConfig) -> Path | None:
     return None
 
 
-def run_scan(cfg: ScanConfig) -> ScanOutcome:
-    """Run (or resume) a scan and write its reports; returns where they are."""
+def run_scan(cfg: ScanConfig, on_plan: Callable[[ScanPlan], None] | None = None) -> ScanOutcome:
+    """Run (or resume) a scan and write its reports; returns where they are.
+
+    Before any probe runs, the plan (each probe to run with its estimated time, each
+    skipped probe with its reason, the total) goes to ``on_plan``, or to the log.
+    """
     cfg.validate()
     if not (cfg.model or cfg.oracle or cfg.data or cfg.train_data):
         raise InvalidConfigError(
@@ -240,33 +247,49 @@ def run_scan(cfg: ScanConfig) -> ScanOutcome:
         },
     )
     names = [n for n in ordered_probe_names() if not cfg.only or n in cfg.only]
-    plan: list[tuple[Probe, str | None]] = []
+    plan: list[tuple[Probe, str | None, ProbeResult | None]] = []
     for name in names:
         probe = PROBES.get(name)()
-        plan.append((probe, probe.applies(ctx)))
-    for probe, reason in plan:
-        logger.info("plan: %-18s %s", probe.name, "run" if reason is None else f"skip ({reason})")
+        reason = probe.applies(ctx)
+        plan.append((probe, reason, run_dir.finished(probe.name) if reason is None else None))
+    estimate = estimate_plan([(p, r, d is not None) for p, r, d in plan], ctx, cfg.profile)
+    if on_plan is not None:
+        on_plan(estimate)
+    else:
+        for line in estimate.lines():
+            logger.info("%s", line)
+    seed_everything(cfg.seed)  # the calibration drew random numbers
     results: list[ProbeResult] = []
     reused: list[str] = []
-    for probe, reason in tqdm(plan, desc="probes", unit="probe", disable=None):
+    for (probe, reason, done), row in tqdm(
+        list(zip(plan, estimate.probes, strict=True)), desc="probes", unit="probe", disable=None
+    ):
         if reason is not None:
             results.append(probe.skipped(reason, ctx))
             continue
-        done = run_dir.finished(probe.name)
         if done is not None:
             logger.info("%s: finished in an earlier run, reusing its result", probe.name)
             reused.append(probe.name)
             results.append(done)
             continue
         seed_everything(cfg.seed)
+        t0 = time.perf_counter()
         result = _run_probe(probe, ctx)
+        row.actual_seconds = time.perf_counter() - t0
+        row.status = result.status
         if result.status == "ok":
             run_dir.save(result)
         results.append(result)
     report = build_report(
         probes=results,
         run=run_record(
-            cfg.command, cfg.seed, device, started, profile=cfg.profile, resumed_probes=reused
+            cfg.command,
+            cfg.seed,
+            device,
+            started,
+            profile=cfg.profile,
+            resumed_probes=reused,
+            estimate=estimate.to_dict(),
         ),
         target={
             "model": (
@@ -284,4 +307,6 @@ def run_scan(cfg: ScanConfig) -> ScanOutcome:
         rubric=rubric_document(),
     )
     paths = write_reports(report, run_dir.root)
-    return ScanOutcome(out=run_dir.root, reports=paths, results=results, reused=reused)
+    return ScanOutcome(
+        out=run_dir.root, reports=paths, results=results, reused=reused, plan=estimate
+    )

@@ -21,7 +21,10 @@ from modelshield.core.results import ProbeResult, RobustnessResult
 from modelshield.core.seeding import make_generator
 from modelshield.core.threat import LpThreat
 from modelshield.evasion import evaluate_robustness, pgd
+from modelshield.evasion.ensemble import FAST, STANDARD, Member
+from modelshield.evasion.evaluate import RECHECK
 from modelshield.scan.context import ScanContext
+from modelshield.scan.estimate import Cost
 from modelshield.scan.probes import Probe, register_probe
 from modelshield.scan.rubric import REFERENCE_EPS, grade_evasion
 
@@ -44,6 +47,37 @@ PROFILE_SETTINGS: dict[str, dict[str, Any]] = {
     },
 }
 N_EXAMPLES = 3
+EXAMPLE_STEPS = 50
+"""PGD steps of the adversarial examples shown in the report."""
+_MEMBERS: dict[str, tuple[Member, ...]] = {"autoattack": STANDARD, "autoattack-fast": FAST}
+
+
+def ensemble_passes(attack: str, scale_steps: float, num_classes: int) -> tuple[float, float, str]:
+    """(backward, forward) passes per attacked point of an ensemble run, and the formula.
+
+    APGD runs ``steps`` forward+backward passes per target class (APGD-T at most
+    ``num_classes - 1`` targets, none below 3 classes); Square spends one forward pass per
+    query. Counted as if every member ran on every point: members after the first only
+    attack the points still standing, so this is an upper bound.
+    """
+    backward = forward = 0.0
+    terms = []
+    for m in _MEMBERS[attack]:
+        steps = max(1, round(m.kwargs.get("steps", m.kwargs.get("max_queries", 0)) * scale_steps))
+        if m.attack == "square":
+            forward += steps
+            terms.append(f"square {steps} queries")
+            continue
+        targets = 1
+        if m.attack == "apgd-t":
+            if num_classes < 3:
+                continue
+            targets = min(int(m.kwargs.get("n_target_classes", 1)), num_classes - 1)
+        backward += targets * steps
+        terms.append(
+            f"{m.attack} {targets}×{steps} steps" if targets > 1 else f"{m.attack} {steps} steps"
+        )
+    return backward, forward, " + ".join(terms)
 
 
 @register_probe
@@ -63,6 +97,32 @@ class WhiteBoxEvasionProbe(Probe):
         if ctx.data is None:
             return "no test data given (--data)"
         return None
+
+    def cost(self, ctx: ScanContext) -> Cost:
+        """Upper bound: every clean-correct point attacked by every member at every eps."""
+        model, data = ctx.classifier, ctx.data
+        if model is None or data is None:
+            return Cost()
+        settings = PROFILE_SETTINGS[ctx.profile]
+        n = min(settings["n"], len(data))
+        idx = torch.randperm(len(data), generator=make_generator(ctx.seed))[:n].sort().values
+        correct = int((model.predict(data.x[idx].to(model.device)).cpu() == data.y[idx]).sum())
+        bwd, fwd, formula = ensemble_passes(
+            settings["attack"], settings["scale_steps"], model.num_classes
+        )
+        k = len(settings["grid"])
+        points = correct * k + min(RECHECK, correct) * (k - 1)
+        return Cost(
+            {
+                "forward": 2 * n + points * fwd,
+                "backward": points * bwd + N_EXAMPLES * EXAMPLE_STEPS,
+            },
+            basis=(
+                f"{correct} of {n} points correct × {k} eps (+ rechecks) × ({formula}); "
+                f"{N_EXAMPLES} examples × {EXAMPLE_STEPS} PGD steps"
+            ),
+            bound="upper",
+        )
 
     def run(self, ctx: ScanContext) -> ProbeResult:
         started = time.perf_counter()
@@ -208,7 +268,7 @@ class WhiteBoxEvasionProbe(Probe):
             return []
         sel = torch.tensor(picked, device=x.device)
         threat = LpThreat(norm=ctx.norm, eps=ref, bounds=model.bounds)  # type: ignore[arg-type]
-        adv = pgd(model, x[sel], y[sel], threat=threat, steps=50, seed=ctx.seed)
+        adv = pgd(model, x[sel], y[sel], threat=threat, steps=EXAMPLE_STEPS, seed=ctx.seed)
         if adv.x_adv is None:
             return []
         adv_pred = model.predict(adv.x_adv)

@@ -21,6 +21,7 @@ from modelshield.core.seeding import make_generator
 from modelshield.core.threat import LpThreat, QueryAccess
 from modelshield.evasion.run import run_attack
 from modelshield.scan.context import ScanContext
+from modelshield.scan.estimate import Cost
 from modelshield.scan.probes import Probe, register_probe
 from modelshield.scan.rubric import REFERENCE_EPS, grade_evasion
 
@@ -61,12 +62,25 @@ class BlackBoxEvasionProbe(Probe):
             return f"black-box attacks support linf and l2, not {ctx.norm}"
         return None
 
+    def cost(self, ctx: ScanContext) -> Cost:
+        """Upper bound: every point spends its whole query budget at every eps."""
+        if ctx.data is None:
+            return Cost()
+        settings = PROFILE_SETTINGS[ctx.profile]
+        n, k, q = min(settings["n"], len(ctx.data)), len(settings["grid"]), settings["queries"]
+        return Cost(
+            {"query": n + n * k * q},
+            basis=f"{n} points × {k} eps × at most {q} queries, + {n} clean queries",
+            bound="upper",
+        )
+
     def run(self, ctx: ScanContext) -> ProbeResult:
         started = time.perf_counter()
         base, data = _oracle(ctx), ctx.data
         if base is None or data is None:
             return self.skipped("needs an oracle and test data", ctx)
         settings = PROFILE_SETTINGS[ctx.profile]
+        before = base.queries_used  # the oracle may have answered others (the time calibration)
         label_only = base.raw_output == "label" or base.access.output == "label"
         attack = "hopskipjump" if label_only else "square"
         low, high = ctx.options.get("bounds", (0.0, 1.0))
@@ -161,7 +175,7 @@ class BlackBoxEvasionProbe(Probe):
                 "clean_accuracy": clean_acc,
                 "clean_ci": list(clean_ci),
                 "curve": curve,
-                "queries_used": base.queries_used,
+                "queries_used": base.queries_used - before,
                 "rule": rule,
             },
             plots=[

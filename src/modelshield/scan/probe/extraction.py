@@ -23,7 +23,9 @@ from modelshield.core.results import ExtractionResult, ProbeResult
 from modelshield.core.seeding import make_generator
 from modelshield.core.threat import QueryAccess
 from modelshield.extraction import knockoff
+from modelshield.extraction.base import default_arch, default_checkpoints
 from modelshield.scan.context import ScanContext
+from modelshield.scan.estimate import Cost
 from modelshield.scan.probes import Probe, register_probe
 from modelshield.scan.rubric import grade_extraction
 
@@ -185,6 +187,30 @@ class ExtractionProbe(Probe):
         if len(ctx.data) < MIN_DATA:
             return f"--data has {len(ctx.data)} samples; the probe needs at least {MIN_DATA}"
         return None
+
+    def cost(self, ctx: ScanContext) -> Cost:
+        """Queries, then one copy trained from scratch at each of Knockoff's checkpoints."""
+        if ctx.data is None:
+            return Cost()
+        half = len(ctx.data) // 2
+        queries = min(PROFILE_BUDGETS[ctx.profile], half)
+        stops = default_checkpoints(queries)
+        epochs = PROFILE_EPOCHS[ctx.profile]
+        arch = default_arch(tuple(ctx.data.x.shape[1:]))
+        n_eval = len(ctx.data) - half
+        black_box = ctx.oracle is not None or (ctx.model is not None and ctx.model.oracle)
+        answer = "query" if black_box else "forward"
+        return Cost(
+            {
+                answer: queries + n_eval,
+                f"train:{arch}": epochs * sum(stops),
+                f"forward:{arch}": n_eval * len(stops),
+            },
+            basis=(
+                f"{queries} queries + {n_eval} evaluation labels; a {arch} copy trained "
+                f"{epochs} epochs at each of {len(stops)} budgets ({', '.join(map(str, stops))})"
+            ),
+        )
 
     def run(self, ctx: ScanContext) -> ProbeResult:
         started = time.perf_counter()

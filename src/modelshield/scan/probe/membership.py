@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from modelshield.core.results import MembershipResult, ProbeResult
-from modelshield.privacy.audit import AuditConfig, audit_membership
+from modelshield.privacy.audit import AuditConfig, audit_membership, default_spec
 from modelshield.scan.context import ScanContext
+from modelshield.scan.estimate import Cost
 from modelshield.scan.probes import Probe, register_probe
 from modelshield.scan.rubric import grade_membership
 
@@ -112,6 +113,29 @@ class MembershipProbe(Probe):
         if ctx.classifier is None:
             return "needs a torch model (white-box file) to compute its outputs"
         return None
+
+    def cost(self, ctx: ScanContext) -> Cost:
+        """Target outputs on the audit pool; for RMIA/LiRA, the reference models' training."""
+        if ctx.classifier is None or ctx.train_data is None or ctx.data is None:
+            return Cost()
+        s = PROFILE_SETTINGS[ctx.profile]
+        n = min(s["n"], len(ctx.train_data), len(ctx.data))
+        if s["attack"] == "loss":
+            return Cost({"forward": 2 * n}, basis=f"{n} members + {n} non-members, one pass")
+        spec = default_spec(tuple(ctx.classifier.input_shape))
+        k, rest = s["shadow_models"], len(ctx.data) - n
+        population = min(4 * 2 * n, rest) if s["attack"] == "rmia" and rest >= 50 else 0
+        return Cost(
+            {
+                "forward": 2 * n + population,
+                f"train:{spec.arch}": k * spec.epochs * n,
+                f"forward:{spec.arch}": k * (2 * n + population),
+            },
+            basis=(
+                f"{k} reference {spec.arch} models × {spec.epochs} epochs × {n} samples "
+                f"(half of {2 * n}); their outputs on {2 * n + population} points"
+            ),
+        )
 
     def run(self, ctx: ScanContext) -> ProbeResult:
         if ctx.classifier is None or ctx.train_data is None or ctx.data is None:

@@ -18,6 +18,7 @@ from modelshield.core.results import PoisonResult, ProbeResult
 from modelshield.core.seeding import make_generator
 from modelshield.poisoning.audit import audit_training_data, backdoor_susceptibility
 from modelshield.scan.context import ScanContext
+from modelshield.scan.estimate import Cost
 from modelshield.scan.probes import Probe, register_probe
 from modelshield.scan.rubric import grade_poison_flagged, grade_susceptibility
 
@@ -203,7 +204,24 @@ class DataPoisoningProbe(Probe):
             return "no training data given (--train-data)"
         if ctx.classifier is None:
             return "needs a white-box torch model to read its activations"
+        if isinstance(ctx.classifier.module, torch.jit.ScriptModule):
+            return (
+                "the detectors read the last linear layer's input through a forward hook, which "
+                "a TorchScript module does not take; scan the model as torch.export (.pt2) or "
+                "state_dict + --arch for this probe"
+            )
         return None
+
+    def cost(self, ctx: ScanContext) -> Cost:
+        """One pass over the examined training data; the detectors' clustering is not timed."""
+        if ctx.train_data is None:
+            return Cost()
+        limit = DETECT_MAX[ctx.profile]
+        n = len(ctx.train_data) if limit is None else min(limit, len(ctx.train_data))
+        return Cost(
+            {"forward": n},
+            basis=f"activations of {n} training samples (clustering and SVD not counted)",
+        )
 
     def run(self, ctx: ScanContext) -> ProbeResult:
         if ctx.train_data is None or ctx.classifier is None:
@@ -235,6 +253,24 @@ class SusceptibilityProbe(Probe):
         if ctx.classifier is None or not isinstance(ctx.classifier.module, torch.nn.Module):
             return "needs a white-box torch model whose architecture can be retrained"
         return None
+
+    def cost(self, ctx: ScanContext) -> Cost:
+        """A retrain of the architecture per poison rate, then clean and triggered tests."""
+        if ctx.train_data is None:
+            return Cost()
+        s = SUSCEPTIBILITY[ctx.profile]
+        limit = s["max_train"]
+        n = len(ctx.train_data) if limit is None else min(limit, len(ctx.train_data))
+        n_test = len(ctx.data) if ctx.data is not None else round(n * HOLDOUT)
+        n_train = n if ctx.data is not None else n - n_test
+        runs = len(s["rates"])
+        return Cost(
+            {"backward": runs * s["epochs"] * n_train, "forward": runs * 2 * n_test},
+            basis=(
+                f"{runs} retrain(s) × {s['epochs']} epochs × {n_train} samples; "
+                f"clean and triggered tests on {n_test}"
+            ),
+        )
 
     def run(self, ctx: ScanContext) -> ProbeResult:
         if ctx.train_data is None or ctx.classifier is None:

@@ -20,10 +20,13 @@ from modelshield.core.threat import QueryAccess
 from modelshield.privacy.attribute import AttributeInferenceResult, fredrikson_attribute_inference
 from modelshield.privacy.inversion import InversionResult, mi_face
 from modelshield.scan.context import ScanContext
+from modelshield.scan.estimate import Cost
 from modelshield.scan.probes import Probe, register_probe
 from modelshield.scan.rubric import grade_attribute, grade_inversion
 
 INVERSION_STEPS = {"quick": 100, "standard": 300, "thorough": 1000}
+TARGETS, AUX = 300, 500
+"""Attribute inference: records attacked, and auxiliary records the attacker holds."""
 
 
 def inversion_probe_result(res: InversionResult, *, seed: int = 0) -> ProbeResult:
@@ -99,6 +102,13 @@ class InversionProbe(Probe):
         if len(ctx.classifier.input_shape) != 3:
             return "inputs are not images (C, H, W); class representatives mean little there"
         return None
+
+    def cost(self, ctx: ScanContext) -> Cost:
+        """Gradient steps on one input per class."""
+        if ctx.classifier is None:
+            return Cost()
+        k, steps = ctx.classifier.num_classes, INVERSION_STEPS[ctx.profile]
+        return Cost({"backward": k * steps}, basis=f"{k} classes × {steps} steps")
 
     def run(self, ctx: ScanContext) -> ProbeResult:
         if ctx.classifier is None or ctx.data is None:
@@ -194,6 +204,21 @@ class AttributeProbe(Probe):
             return "no model to query"
         return None
 
+    def cost(self, ctx: ScanContext) -> Cost:
+        """Each target queried once per candidate value, plus the auxiliary records."""
+        data = ctx.data
+        if data is None or data.x.ndim != 2:
+            return Cost()
+        col = int(ctx.options["sensitive_feature"])
+        targets = ctx.train_data if ctx.train_data is not None else data
+        n, n_aux = min(TARGETS, len(targets)), min(AUX, len(data))
+        v = len(candidate_values(data.x[:, col]))
+        unit = "forward" if ctx.classifier is not None else "query"
+        return Cost(
+            {unit: n * v + n_aux},
+            basis=f"{n} targets × {v} candidate values + {n_aux} auxiliary records (baseline MLP not counted)",
+        )
+
     def run(self, ctx: ScanContext) -> ProbeResult:
         data, col = ctx.data, int(ctx.options["sensitive_feature"])
         if data is None:
@@ -208,10 +233,10 @@ class AttributeProbe(Probe):
         if oracle is None:
             return self.skipped("no model to query", ctx)
         targets = ctx.train_data if ctx.train_data is not None else data
-        n = min(300, len(targets))
+        n = min(TARGETS, len(targets))
         g = make_generator(ctx.seed)
         t_idx = torch.randperm(len(targets), generator=g)[:n]
-        a_idx = torch.randperm(len(data), generator=g)[: min(500, len(data))]
+        a_idx = torch.randperm(len(data), generator=g)[: min(AUX, len(data))]
         res = fredrikson_attribute_inference(
             oracle,
             targets.x[t_idx],

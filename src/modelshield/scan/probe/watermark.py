@@ -15,6 +15,7 @@ from typing import Any
 
 from modelshield.core.results import ProbeResult, WatermarkVerdict
 from modelshield.scan.context import ScanContext
+from modelshield.scan.estimate import Cost
 from modelshield.scan.probes import Probe, register_probe
 
 TITLE = "Watermark verification (trigger set, Adi et al. 2018)"
@@ -163,6 +164,14 @@ class WatermarkProbe(Probe):
         ):
             return "no model or endpoint to query"
         return None
+
+    def cost(self, ctx: ScanContext) -> Cost:
+        """One answer per trigger input of the key."""
+        from modelshield.watermark import WatermarkKey
+
+        n = WatermarkKey.load(Path(ctx.options["watermark_key"])).n
+        unit = "forward" if ctx.classifier is not None else "query"
+        return Cost({unit: n}, basis=f"{n} trigger inputs")
 
     def run(self, ctx: ScanContext) -> ProbeResult:
         from modelshield.watermark import WatermarkKey
