@@ -139,7 +139,7 @@ def test_no_plaintext_input_or_weight_is_sent(files: Files) -> None:
     weights += [la.b for la in model.layers if la.b is not None]
     torch_w = [p.detach().numpy() for p in files.net.parameters()]
     secrets = [x, *weights, *torch_w]
-    payloads = {i: load_transcript(files.run / f"party-{i}-transcript.pkl") for i in range(3)}
+    payloads = {i: load_transcript(files.run / f"party-{i}-transcript.bin") for i in range(3)}
     assert all(len(t) > 10 for t in payloads.values())
     for i, msgs in payloads.items():
         leaks = _leaks([m[2] for m in msgs], secrets, 16)
@@ -167,7 +167,7 @@ def _ks_two_sample(a: np.ndarray, b: np.ndarray) -> float:
 def _received_shares(run: Path) -> tuple[np.ndarray, int]:
     """What party 2 received from the data owner for its input, scaled to [0, 1)."""
     p = int(json.loads((run / "party-1.json").read_text())["field_modulus"])
-    msgs = [b for ph, peer, b in load_transcript(run / "party-1-transcript.pkl")
+    msgs = [b for ph, peer, b in load_transcript(run / "party-1-transcript.bin")
             if ph == "input:x" and peer == 2]  # fmt: skip
     vals = np.concatenate([np.array([int(v) for v in pickle.loads(m)], dtype=object) for m in msgs])
     return np.array([float(v) / p for v in vals]), p
@@ -312,5 +312,5 @@ def test_joint_training_matches_pooled_plaintext(tmp_path: Path) -> None:
     for k, pth in enumerate(paths):
         with np.load(pth) as z:
             xk = z["x"]
-        msgs = load_transcript(out / f"party-{k}-transcript.pkl")
+        msgs = load_transcript(out / f"party-{k}-transcript.bin")
         assert not _leaks([m[2] for m in msgs], [xk], 16)

@@ -126,3 +126,21 @@ def test_trailing_softmax_is_dropped_and_tanh_refused() -> None:
             ).eval(),
             (1, 6, 6),
         )
+
+
+def test_a_party_listens_on_its_own_address_only() -> None:
+    """MPyC binds every interface by default; a modelshield party binds its own HOST."""
+    import asyncio
+
+    from modelshield.crypto.mpc.commands import free_ports
+    from modelshield.crypto.mpc.engine import make_runtime
+
+    ports = free_ports(2)
+    rt = make_runtime(1, [("127.0.0.1", ports[0]), ("127.0.0.1", ports[1])])
+    loop = rt._loop
+    server = loop.run_until_complete(loop.create_server(asyncio.Protocol, port=ports[1]))
+    try:
+        assert [s.getsockname() for s in server.sockets] == [("127.0.0.1", ports[1])]
+    finally:
+        server.close()
+        loop.run_until_complete(server.wait_closed())

@@ -45,7 +45,7 @@ _TRANSCRIPT = click.option(
     "--transcripts",
     "transcripts",
     is_flag=True,
-    help="Each party also writes every message it sends to DIR/party-I-transcript.pkl (audit).",
+    help="Each party also writes every message it sends to DIR/party-I-transcript.bin (audit).",
 )
 
 
@@ -90,7 +90,7 @@ def mpc_group() -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option(
-    "--transcript", is_flag=True, help="Write every message sent to OUT/party-I-transcript.pkl."
+    "--transcript", is_flag=True, help="Write every message sent to OUT/party-I-transcript.bin."
 )
 @_TIMEOUT
 def party_cmd(**opts: Any) -> None:

@@ -90,6 +90,7 @@ def launch(
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
     out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").unlink(missing_ok=True)  # a present result means a finished run
     for i in range(len(specs)):
         (out / f"party-{i}.json").unlink(missing_ok=True)
     started = time.monotonic()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import pickle
+import struct
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -101,17 +101,39 @@ class Traffic:
             self.phase = prev
 
     def save(self, path: str | Path) -> None:
-        """Write the transcript as a pickle of ``[(phase, peer, payload), ...]`` (own file)."""
+        """Write the transcript: per message, phase, peer and payload, length-prefixed.
+
+        A plain binary format (no pickle), so an auditor can read another party's
+        transcript without running code from it.
+        """
         from modelshield.core.io import atomic_open
 
         with atomic_open(path, "wb") as fh:
-            pickle.dump(self.messages, fh)
+            fh.write(_MAGIC)
+            for phase, peer, payload in self.messages:
+                tag = phase.encode()
+                fh.write(struct.pack("<HHI", len(tag), peer, len(payload)))
+                fh.write(tag)
+                fh.write(payload)
+
+
+_MAGIC = b"MSMPCTR1"
 
 
 def load_transcript(path: str | Path) -> list[tuple[str, int, bytes]]:
-    """Read a transcript written by :meth:`Traffic.save` (a file this project wrote)."""
-    with open(path, "rb") as fh:
-        return list(pickle.load(fh))  # our own audit file, not user input
+    """Read a transcript written by :meth:`Traffic.save`: ``[(phase, peer, payload), ...]``."""
+    data = Path(path).read_bytes()
+    if not data.startswith(_MAGIC):
+        raise InvalidConfigError(f"{path} is not an MPC transcript")
+    out, pos = [], len(_MAGIC)
+    while pos < len(data):
+        n_tag, peer, n_payload = struct.unpack_from("<HHI", data, pos)
+        pos += 8
+        tag = data[pos : pos + n_tag].decode()
+        pos += n_tag
+        out.append((tag, int(peer), data[pos : pos + n_payload]))
+        pos += n_payload
+    return out
 
 
 # --------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 A party reads only its own file (the model owner its model, a data owner its data), runs
 the shared program over TCP with the other parties, and writes ``OUT/party-I.json`` (and,
 for the party that receives them, ``OUT/party-I-outputs.npz``). With ``transcript=True``
-it also writes every message it sent, tagged by phase, to ``OUT/party-I-transcript.pkl``
+it also writes every message it sent, tagged by phase, to ``OUT/party-I-transcript.bin``
 so an auditor can check that no plaintext input or weight left the party.
 """
 
@@ -154,7 +154,7 @@ def run_party(
         with atomic_open(outdir / f"party-{id}-weights.npz", "wb") as fh:
             np.savez(fh, **weights)
     if transcript:
-        traffic.save(outdir / f"party-{id}-transcript.pkl")
-        result["transcript"] = str(outdir / f"party-{id}-transcript.pkl")
+        traffic.save(outdir / f"party-{id}-transcript.bin")
+        result["transcript"] = str(outdir / f"party-{id}-transcript.bin")
     atomic_write_json(outdir / f"party-{id}.json", result)  # last: marks the party finished
     return result
