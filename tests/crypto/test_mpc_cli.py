@@ -229,6 +229,25 @@ def test_model_party_crash_mid_launch_is_reported(files: Files, tmp_path: Path) 
     with pytest.raises(MPCError, match=r"party 0 \(model\) failed: .*missing\.pt2"):
         launch(specs, tmp_path / "o", common=[], timeout=60)
     assert time.monotonic() - t0 < 30
+    assert not _processes_with(str(tmp_path / "o")), "parties left running after a failure"
+
+
+def _processes_with(text: str) -> list[int]:
+    """Live processes whose command line contains ``text``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next(
+                ln for ln in (d / "status").read_text().splitlines() if ln.startswith("State")
+            )
+        except (OSError, StopIteration):
+            continue
+        if text in cmd and "zombie" not in state:
+            found.append(int(d.name))
+    return found
 
 
 def test_a_party_that_dies_mid_run_ends_the_others(files: Files, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ multi-process runs are in ``test_mpc_cli.py``.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ if importlib.util.find_spec("mpyc") is None:  # not importorskip: MPyC parses sy
 from modelshield.core.errors import UnsupportedModelError
 from modelshield.crypto.he.train import PolyAct
 from modelshield.crypto.mpc.engine import run_local
-from modelshield.crypto.mpc.model import compile_model
+from modelshield.crypto.mpc.model import compile_model, load_mpc_model
 
 
 class Square(nn.Module):
@@ -144,3 +145,42 @@ def test_a_party_listens_on_its_own_address_only() -> None:
     finally:
         server.close()
         loop.run_until_complete(server.wait_closed())
+
+
+def test_model_files_torchscript_and_state_dict(tmp_path: Path) -> None:
+    """The same loader as everywhere else: TorchScript, and state_dict + --arch."""
+    from tests.conftest import tiny_net
+
+    torch.manual_seed(0)
+    net = tiny_net().eval()
+    x = np.random.default_rng(0).random((8, 36))
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x).float().reshape(8, 1, 6, 6)).double().numpy()
+    torch.jit.save(torch.jit.script(net), tmp_path / "model.ts")
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    for path, arch in (
+        (tmp_path / "model.ts", None),
+        (tmp_path / "weights.pt", "tests.conftest:tiny_net"),
+    ):
+        model, _ = load_mpc_model(str(path), (1, 6, 6), arch=arch)
+        assert np.abs(model.forward(x) - ref).max() < 1e-5
+        assert np.abs(run_local(model, x) - ref).max() < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["logistic", "linear"])
+def test_training_program_matches_plaintext_gd(kind: str) -> None:
+    """The MPC training program (one in-process party) against the same algorithm in float."""
+    from modelshield.crypto.mpc.engine import make_runtime, run_program
+    from modelshield.crypto.mpc.train import plaintext_gd, train_program
+
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 4))
+    y = (x @ np.array([1.0, -2.0, 0.5, 1.0]) > 0.25).astype(np.int64)
+    prog = train_program(
+        role="data", frac_bits=16, int_bits=16, epochs=15, lr=0.5, kind=kind, xy=(x, y)
+    )
+    r = run_program(make_runtime(), prog, timeout=120)
+    w, b = plaintext_gd([(x, y)], epochs=15, lr=0.5, kind=kind)
+    assert np.abs(r["weights"]["w"] - w).max() < 1e-3
+    assert abs(float(r["weights"]["b"][0]) - b) < 1e-3
+    assert np.abs(w).max() > 0.05  # it did learn something the comparison can miss
