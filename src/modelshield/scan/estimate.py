@@ -165,8 +165,9 @@ class ScanPlan:
 
     @property
     def bound(self) -> Bound:
-        runs = [p for p in self.probes if p.action == "run" and p.cost is not None]
-        return "upper" if any(p.cost.bound == "upper" for p in runs if p.cost) else "expected"
+        """``upper`` when any probe that will run is estimated as an upper bound."""
+        costs = [p.cost for p in self.probes if p.action == "run" and p.cost is not None]
+        return "upper" if any(c.bound == "upper" for c in costs) else "expected"
 
     def to_dict(self) -> dict[str, Any]:
         """The report's ``run.estimate`` block: estimate and measured time per probe."""

@@ -23,7 +23,7 @@ from modelshield.core.results import ExtractionResult, ProbeResult
 from modelshield.core.seeding import make_generator
 from modelshield.core.threat import QueryAccess
 from modelshield.extraction import knockoff
-from modelshield.extraction.base import default_arch, default_checkpoints
+from modelshield.extraction.base import MIN_TRAIN_STEPS, default_arch, default_checkpoints
 from modelshield.scan.context import ScanContext
 from modelshield.scan.estimate import Cost
 from modelshield.scan.probes import Probe, register_probe
@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 PROFILE_BUDGETS = {"quick": 500, "standard": 2000, "thorough": 10000}
 """Knockoff queries per profile (capped by the pool: half of the test data)."""
 PROFILE_EPOCHS = {"quick": 20, "standard": 30, "thorough": 30}
+COPY_BATCH = 64
+"""Batch size of the copies' training (knockoff's default)."""
 COPY_LR = 3e-3
 """Adam learning rate of the copies: a stronger attacker than the library default 1e-3 on
 the small transfer sets of a scan (the built-in small_cnn learns slowly at 1e-3)."""
@@ -193,22 +195,29 @@ class ExtractionProbe(Probe):
         if ctx.data is None:
             return Cost()
         half = len(ctx.data) // 2
-        queries = min(PROFILE_BUDGETS[ctx.profile], half)
+        budget = int(ctx.options.get("extraction_queries") or PROFILE_BUDGETS[ctx.profile])
+        queries = min(budget, half)
         stops = default_checkpoints(queries)
         epochs = PROFILE_EPOCHS[ctx.profile]
         arch = default_arch(tuple(ctx.data.x.shape[1:]))
         n_eval = len(ctx.data) - half
         black_box = ctx.oracle is not None or (ctx.model is not None and ctx.model.oracle)
         answer = "query" if black_box else "forward"
+        trained = 0.0  # samples through the copies' training steps
+        for n in stops:
+            per_epoch = math.ceil(n / COPY_BATCH)
+            # train_copy runs at least MIN_TRAIN_STEPS steps, however small the set
+            trained += max(epochs * per_epoch, MIN_TRAIN_STEPS) * n / per_epoch
         return Cost(
             {
                 answer: queries + n_eval,
-                f"train:{arch}": epochs * sum(stops),
+                f"train:{arch}": trained,
                 f"forward:{arch}": n_eval * len(stops),
             },
             basis=(
                 f"{queries} queries + {n_eval} evaluation labels; a {arch} copy trained "
-                f"{epochs} epochs at each of {len(stops)} budgets ({', '.join(map(str, stops))})"
+                f"{epochs} epochs (at least {MIN_TRAIN_STEPS} steps of {COPY_BATCH}) at each of "
+                f"{len(stops)} budgets ({', '.join(map(str, stops))})"
             ),
         )
 
@@ -236,6 +245,7 @@ class ExtractionProbe(Probe):
                 num_classes=base.num_classes or data.num_classes,
                 strategy="random",
                 epochs=PROFILE_EPOCHS[ctx.profile],
+                batch_size=COPY_BATCH,
                 lr=COPY_LR,
                 seed=ctx.seed,
                 x_eval=data.x[eval_idx],
