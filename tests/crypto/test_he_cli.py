@@ -59,7 +59,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     r = run_cli("he", "compile", "--model", str(d / "model.pt2"), "--data", str(d / "test.npz"),
                 "--out", str(d / "plan"))  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "relu replaced by the fitted polynomial" in r.stdout and "128-bit" in r.stdout
+    assert "relu replaced by a quadratic fitted" in r.stdout and "128-bit" in r.stdout
     r = run_cli("he", "keygen", "--plan", str(d / "plan"), "--out", str(d / "keys"))
     assert r.returncode == 0, r.stderr
     return Files(d / "model.pt2", d / "test.npz", d / "plan", d / "keys")
@@ -88,7 +88,7 @@ def test_eval_encrypted_matches_plaintext(files: Files, tmp_path: Path) -> None:
     assert res["encrypted_accuracy"] == res["plan_plaintext_accuracy"]
     assert abs(res["plaintext_accuracy"] - res["encrypted_accuracy"]) <= 0.05  # ReLU → quadratic
     assert res["latency_seconds_per_sample"] > 0 and res["throughput_samples_per_second"] > 0
-    assert any("fitted polynomial" in n for n in res["notes"])
+    assert any("quadratic fitted" in n for n in res["notes"])
     report = json.loads((out / "report.json").read_text())
     validate_report(report)
     assert report["probes"][0]["probe"] == "he-eval" and (out / "report.html").is_file()
@@ -170,3 +170,24 @@ def test_user_errors_are_one_line(files: Files, tmp_path: Path) -> None:
                 "--out", str(tmp_path / "e"))  # fmt: skip
     assert_one_line_error(r, "shape")
     assert not (tmp_path / "e" / "result.json").exists()
+
+
+def test_finetune_writes_a_compilable_he_friendly_model(files: Files, tmp_path: Path) -> None:
+    out = tmp_path / "ft"
+    r = run_cli("he", "finetune", "--model", str(files.model), "--train-data", str(files.data),
+                "--data", str(files.data), "--epochs", "1", "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "result.json").read_text())
+    assert res["replaced"] and res["evaluated_on"] == "test"
+    assert res["accuracy_cost_pp"] == pytest.approx(
+        100 * (res["accuracy_relu"] - res["accuracy_finetuned"])
+    )
+    r = run_cli("he", "compile", "--model", str(out / "model.pt2"), "--data", str(files.data),
+                "--out", str(tmp_path / "plan"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert [a["kind"] for a in plan["activations"]] == ["poly"]  # exact: nothing fitted
+    assert "WARNING" not in r.stdout
+    r = run_cli("he", "finetune", "--model", str(files.model), "--train-data", str(files.data),
+                "--epochs", "-1", "--out", str(tmp_path / "bad"))  # fmt: skip
+    assert r.returncode == 2 and not (tmp_path / "bad" / "result.json").exists()

@@ -107,7 +107,7 @@ def test_relu_model_gets_a_fitted_polynomial_and_stays_close() -> None:
     model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     x = torch.rand(200, 10)
     plan = compile_model(model, (10,), x)
-    assert plan.activations[0]["kind"] == "relu" and "fitted polynomial" in plan.notes[0]
+    assert plan.activations[0]["kind"] == "relu" and "quadratic fitted" in plan.notes[0]
     lo, hi = plan.activations[0]["range"]
     assert lo < 0 < hi
     with torch.no_grad():

@@ -71,6 +71,8 @@ def he_group() -> None:
       modelshield he infer --server http://127.0.0.1:8080 --keys keys --data test.npz --out run
     Encrypted vs plaintext on one machine:
       modelshield he eval --model model.pt2 --data test.npz --out eval
+    A deep ReLU model first made HE-friendly (trainable quadratics, fine-tuned):
+      modelshield he finetune --model model.pt2 --train-data train.npz --data test.npz --out ft
     """
 
 
@@ -98,6 +100,32 @@ def compile_cmd(**opts: Any) -> None:
         f"scale 2^{p['scale_bits']}; security: {p['security']}"
     )
     click.echo(f"plan: {s['path']}")
+
+
+@he_group.command("finetune")
+@_load_opts
+@click.option("--train-data", "train_data", required=True, type=click.Path(), help="Training data.")
+@click.option("--data", "data", type=click.Path(), help="Test data (accuracy before/after).")
+@click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False))
+def finetune_cmd(**opts: Any) -> None:
+    """Make a ReLU model HE-friendly: trainable quadratic activations, fine-tuned.
+
+    Writes DIR/model.pt2 (compile it with 'he compile') and DIR/result.json with the
+    accuracy of the original, swapped and fine-tuned model.
+    """
+    from modelshield.crypto.he.commands import run_finetune
+
+    r = run_finetune(**_prep(opts))
+    click.echo(
+        f"accuracy: ReLU model {r['accuracy_relu']:.4f}, quadratic swap "
+        f"{r['accuracy_swapped']:.4f}, fine-tuned {r['accuracy_finetuned']:.4f} "
+        f"(cost {r['accuracy_cost_pp']:+.2f} pp, on {r['evaluated_on']} data)"
+    )
+    click.echo(f"model: {r['model']}")
+    click.echo(f"result: {opts['out']}/result.json")
 
 
 @he_group.command("keygen")

@@ -34,6 +34,7 @@ from modelshield.crypto.he.keys import (
 )
 from modelshield.crypto.he.params import CKKSParams, choose_params
 from modelshield.crypto.he.plan import (
+    FIDELITY_WARN,
     Plan,
     compile_model,
     load_plan,
@@ -131,6 +132,63 @@ def run_compile(**opts: Any) -> dict[str, Any]:
     return summary
 
 
+def run_finetune(**opts: Any) -> dict[str, Any]:
+    """``he finetune``: ReLU → trainable quadratic, fine-tuned; writes ``DIR/model.pt2``.
+
+    The result reports the accuracy of the original model, of the plain swap and of the
+    fine-tuned model on ``--data`` (else the training data), so the cost is measured.
+    """
+    from modelshield.crypto.he.train import make_he_friendly
+    from modelshield.scan.harden.adversarial import _export
+
+    started = time.time()
+    train = load_dataset(
+        opts["train_data"], bounds=opts["bounds"], label_column=opts.get("label_column")
+    )
+    test = _data(opts)
+    if test is not None and test.input_shape != train.input_shape:
+        raise DataError(
+            f"--data samples have shape {test.input_shape}; --train-data {train.input_shape}"
+        )
+    loaded = load_model(
+        opts["model"],
+        trust_pickle=opts.get("trust_pickle", False),
+        arch=opts.get("arch"),
+        input_shape=train.input_shape,
+        bounds=opts["bounds"],
+        device="cpu",
+    )
+    if not isinstance(loaded.obj, torch.nn.Module) or isinstance(
+        loaded.obj, torch.jit.ScriptModule
+    ):
+        raise UnsupportedModelError(
+            f"he finetune edits a torch model's layers; a {loaded.kind} model cannot be edited "
+            "(give a torch.export .pt2, or a state_dict + --arch)"
+        )
+    model, report = make_he_friendly(
+        loaded.obj,
+        train,
+        test,
+        epochs=opts["epochs"],
+        lr=opts["lr"],
+        batch_size=opts["batch_size"],
+        seed=opts.get("seed", 0),
+    )
+    out = Path(opts["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    _export(model, train.x[:2].float(), out / "model.pt2")
+    result = {
+        **report,
+        "model": str(out / "model.pt2"),
+        "source": loaded.file.to_dict(),
+        "command": opts.get("command", "modelshield he finetune"),
+        "seed": opts.get("seed", 0),
+        "wall_time": time.time() - started,
+    }
+    atomic_write_json(out / "result.json", result)  # last: its presence means the run finished
+    return result
+
+
 def plan_and_params(path: str | Path) -> tuple[Plan, CKKSParams]:
     plan = load_plan(path)
     try:
@@ -187,6 +245,35 @@ def _metrics(
     return out
 
 
+ACCURACY_COST_WARN_PP = 0.5
+"""Warn when encrypted accuracy is more than this many points below the model's."""
+
+
+def _fidelity_warnings(r: dict[str, Any]) -> list[str]:
+    """Loud, specific warnings when the encrypted result does not stand for the model."""
+    out = []
+    agree = r.get("argmax_agreement_with_model")
+    if agree is not None and agree < FIDELITY_WARN:
+        out.append(
+            f"encrypted predictions agree with the model's on only {agree:.1%} of the "
+            f"{r['n']} samples (polynomial stand-ins for ReLU/sigmoid): fine-tune with "
+            "'modelshield he finetune' and compile the fine-tuned model"
+        )
+    cost = r.get("accuracy_cost_pp")
+    if cost is not None and cost > ACCURACY_COST_WARN_PP:
+        out.append(
+            f"encryption costs {cost:.2f} accuracy points (over {ACCURACY_COST_WARN_PP}): "
+            "the encrypted model is not the model you trained"
+        )
+    if not r.get("within_tolerance", True):
+        out.append(
+            f"decrypted outputs differ from the plan's plaintext outputs by "
+            f"{r['max_abs_error']:.2e}, over the tolerance {r['tolerance']:.2e}: raise "
+            "--min-scale-bits"
+        )
+    return out
+
+
 def _limit(data: Dataset, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     n = len(data) if limit is None else min(limit, len(data))
     return data.x[:n].double().numpy(), data.y[:n].numpy().astype(np.int64)
@@ -228,6 +315,9 @@ def run_eval(**opts: Any) -> dict[str, Any]:
     result["throughput_samples_per_second"] = (result.get("throughput") or {}).get(
         "samples_per_second"
     )
+    result["warnings"] = _fidelity_warnings(result)
+    for w in result["warnings"]:
+        logger.warning(w)
     result.update(
         params=params.to_dict(),
         plan=plan.summary(),
@@ -274,6 +364,7 @@ def _eval_report(
         ["throughput (samples/s)", fmt(r.get("throughput_samples_per_second"), ".1f")],
         ["CKKS", r["params"]["security"]],
     ]
+    rows += [["WARNING", w] for w in r.get("warnings", [])]
     probe = ProbeResult(
         probe="he-eval",
         title="Encrypted inference (CKKS)",
@@ -289,8 +380,9 @@ def _eval_report(
             f"outputs agree with plaintext on {r['argmax_agreement_with_plan']:.2%} of "
             f"{r['n']} samples. " + " ".join(r["notes"])
         ),
-        recommendation="Keep KEY_DIR/secret.ctx on the client; if a ReLU was replaced, "
-        "consider make_he_friendly fine-tuning when the accuracy cost matters.",
+        recommendation=(" ".join(r["warnings"]) + " " if r.get("warnings") else "")
+        + "Keep KEY_DIR/secret.ctx on the client; if a ReLU was replaced, fine-tune with "
+        "'modelshield he finetune' when the accuracy cost matters.",
         threat={
             "attacker": "an honest-but-curious server",
             "attack": "reading the client's inputs",

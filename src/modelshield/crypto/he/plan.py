@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +99,9 @@ class Plan:
     source: dict[str, Any] = field(default_factory=dict)
     max_abs: list[float] = field(default_factory=list)
     """Largest |value| seen after each layer on the calibration data (for the scale)."""
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    """How closely the plan (with its fitted activations) follows the model on the
+    calibration inputs; empty when every activation is exact (square, PolyAct)."""
 
     @property
     def input_dim(self) -> int:
@@ -157,6 +159,7 @@ class Plan:
             "notes": self.notes,
             "source": self.source,
             "max_abs": self.max_abs,
+            "fidelity": self.fidelity,
         }
 
     def save(self, out: str | Path) -> Path:
@@ -204,6 +207,7 @@ def load_plan(path: str | Path) -> Plan:
         notes=meta.get("notes", []),
         source=meta.get("source", {}),
         max_abs=meta.get("max_abs", []),
+        fidelity=meta.get("fidelity", {}),
     )
 
 
@@ -335,8 +339,10 @@ def _graph_steps(gm: torch.fx.GraphModule, example: Tensor) -> list[_Step]:
     chain: set[torch.fx.Node] = {placeholders[0]}
     steps: list[_Step] = []
     cur = placeholders[0]
-    for n in gm.graph.nodes:
-        if n.op in ("placeholder", "get_attr"):
+    nodes = list(gm.graph.nodes)
+    skip: set[torch.fx.Node] = set()
+    for pos, n in enumerate(nodes):
+        if n.op in ("placeholder", "get_attr") or n in skip:
             continue
         if n.op == "output":
             break
@@ -344,6 +350,15 @@ def _graph_steps(gm: torch.fx.GraphModule, example: Tensor) -> list[_Step]:
         if not deps or not n.users:
             continue  # a weight transform (t, expand...), or a guard / assert nobody reads
         name = str(n.target)
+        if name in _ATEN_ELEMENTWISE and cur in deps:
+            region = _elementwise_region(nodes, pos, cur, chain)
+            if region is not None and len(region) > 1:
+                step = _region_step(region, cur, env, len(steps))
+                skip.update(region)
+                chain.update(region)
+                cur = region[-1]
+                steps.append(step)
+                continue
         if name.startswith(("aten.sym_size", "aten.sym_numel", "aten.sym_stride")):
             continue  # a shape read: reshapes are replayed from the recorded shapes
         if n.target is operator.getitem:
@@ -382,6 +397,100 @@ def _graph_steps(gm: torch.fx.GraphModule, example: Tensor) -> list[_Step]:
         else:
             raise _refuse(idx, name)
     return steps
+
+
+_ATEN_ELEMENTWISE = {
+    "aten.mul.Tensor",
+    "aten.mul.Scalar",
+    "aten.add.Tensor",
+    "aten.add.Scalar",
+    "aten.sub.Tensor",
+    "aten.sub.Scalar",
+    "aten.rsub.Scalar",
+    "aten.neg.default",
+    "aten.div.Tensor",
+    "aten.div.Scalar",
+    "aten.pow.Tensor_Scalar",
+    "aten.square.default",
+    "aten.select.int",
+    "aten.unsqueeze.default",
+}
+"""Elementwise ops (and the constant reads between them) that a polynomial activation such
+as a trainable ``a0 + a1·x + a2·x²`` becomes in an exported graph."""
+
+
+def _elementwise_region(
+    nodes: list[torch.fx.Node], pos: int, cur: torch.fx.Node, chain: set[torch.fx.Node]
+) -> list[torch.fx.Node] | None:
+    """The run of elementwise nodes from ``nodes[pos]`` that reads only ``cur`` (and
+    constants) and hands exactly one value on, or None."""
+    region: list[torch.fx.Node] = []
+    inside: set[torch.fx.Node] = set()
+    for n in nodes[pos:]:
+        if n.op != "call_function" or str(n.target) not in _ATEN_ELEMENTWISE:
+            break
+        deps = [a for a in n.all_input_nodes if a in chain or a in inside]
+        if not deps:
+            continue  # a constant transform (e.g. selecting a coefficient)
+        if any(a in chain and a is not cur for a in deps):
+            break
+        region.append(n)
+        inside.add(n)
+    while region:
+        leaving = [r for r in region if any(u not in inside for u in r.users)]
+        if leaving == [region[-1]]:
+            return region
+        inside.discard(region.pop())
+    return None
+
+
+def _region_step(
+    region: list[torch.fx.Node], cur: torch.fx.Node, env: dict[Any, Any], index: int
+) -> _Step:
+    """An elementwise region as a step: affine (``linear``) or quadratic (``poly``),
+    read off by evaluating it at z = 0, 1, −1 and checked at other points; else refused."""
+
+    def fn(t: Tensor) -> Tensor:
+        local: dict[Any, Any] = {cur: t}
+
+        def sub(a: Any) -> Any:
+            if isinstance(a, torch.fx.Node):
+                if a in local:
+                    return local[a]
+                v = env[a]
+                return v.to(t.dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
+            if isinstance(a, (list, tuple)):
+                return type(a)(sub(v) for v in a)
+            return a
+
+        for n in region:
+            local[n] = n.target(*sub(n.args), **{k: sub(v) for k, v in n.kwargs.items()})  # type: ignore[operator]
+        return local[region[-1]]  # type: ignore[no-any-return]
+
+    shape = env[cur].shape[1:]
+    with torch.no_grad():
+        one = torch.ones((1, *shape), dtype=torch.float64)
+        f0, f1, fm = fn(0 * one), fn(one), fn(-one)
+        a0, a1, a2 = f0, (f1 - fm) / 2, (f1 + fm) / 2 - f0
+        probe = (
+            torch.randn(
+                (4, *shape), dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+            )
+            * 3
+        )
+        want = fn(probe)
+        got = a0 + a1 * probe + a2 * probe * probe
+    names = ", ".join(str(n.target) for n in region)
+    if want.shape != got.shape or not torch.allclose(
+        want, got, rtol=1e-6, atol=1e-6 * (1 + float(want.abs().max()))
+    ):
+        raise _refuse(
+            index, f"{names}: an elementwise function that is not a polynomial of degree ≤ 2"
+        )
+    if float(a2.abs().max()) == 0.0:
+        return _Step("linear", f"elementwise affine ({names})", fn)
+    coeffs = tuple(c.reshape(-1).numpy().copy() for c in (a0, a1, a2))
+    return _Step("poly", f"polynomial activation ({names})", fn, coeffs)  # type: ignore[arg-type]
 
 
 def _aten_call(
@@ -462,6 +571,85 @@ def fit_quadratic(
     return (float(coef[0]), float(coef[1]), float(coef[2])), (lo, hi)
 
 
+def _exact_activation(kind: str, z: np.ndarray) -> np.ndarray:
+    return np.maximum(z, 0.0) if kind == "relu" else 1.0 / (1.0 + np.exp(-z))
+
+
+SHIFT_BOUND = 2.0
+"""A fitted ``a2 (z + a1/2a2)² + d`` keeps ``|a1/2a2| ≤ SHIFT_BOUND · max|z|``, so the square
+works on values of the data's own magnitude (a large shift would cancel catastrophically
+under CKKS's absolute noise)."""
+
+
+def fit_quadratic_units(
+    kind: str,
+    z: np.ndarray,
+    target: np.ndarray | None = None,
+    *,
+    grid: int = 64,
+    grid_weight: float = 0.1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-unit least-squares quadratics ``a0 + a1 z + a2 z²`` for ReLU / sigmoid.
+
+    ``z`` (n, units) are the pre-activations the encrypted plan computes on calibration
+    data; ``target`` (default: the exact activation of ``z``) what the model computes
+    there. Fitting the model's own activations on the plan's pre-activations corrects the
+    drift earlier polynomial layers introduce (a calibration-based fit in the spirit of
+    CryptoNets / Hesamifard et al. 2017, one polynomial per neuron rather than one per
+    layer, since neurons' ranges differ by orders of magnitude). A share ``grid_weight``
+    of each unit's fit goes to an even grid over its observed range, so the polynomial
+    stays close to the activation between the data points. Returns (a0, a1, a2), each of
+    shape (units,); ``a2`` is never 0 (a degree-2 term is what a square level computes).
+    """
+    z = np.asarray(z, dtype=np.float64)
+    z = z.reshape(z.shape[0], -1)
+    t = _exact_activation(kind, z) if target is None else np.asarray(target, np.float64)
+    t = t.reshape(z.shape)
+    n = z.shape[0]
+    lo, hi = z.min(axis=0), z.max(axis=0)
+    span = np.maximum(hi - lo, 1e-6)
+    pts = lo[None, :] + span[None, :] * np.linspace(0.0, 1.0, grid)[:, None]
+    xs = np.concatenate([z, pts])
+    ys = np.concatenate([t, _exact_activation(kind, pts)])
+    w = np.concatenate([np.full(n, (1 - grid_weight) / n), np.full(grid, grid_weight / grid)])
+    # standardise per unit for a well-conditioned 3×3 system, fit, map back
+    m = (w[:, None] * xs).sum(axis=0)
+    sd = np.sqrt((w[:, None] * (xs - m) ** 2).sum(axis=0))
+    sd = np.maximum(sd, 1e-6)
+    u = (xs - m) / sd
+    basis = np.stack([np.ones_like(u), u, u * u], axis=-1)  # (rows, units, 3)
+    gram = np.einsum("r,ruk,rul->ukl", w, basis, basis) + 1e-10 * np.eye(3)
+    rhs = np.einsum("r,ruk,ru->uk", w, basis, ys)
+    c = np.linalg.solve(gram, rhs[..., None])[..., 0]
+    a2 = c[:, 2] / sd**2
+    a1 = c[:, 1] / sd - 2 * c[:, 2] * m / sd**2
+    a0 = c[:, 0] - c[:, 1] * m / sd + c[:, 2] * m**2 / sd**2
+    # keep the square's shift within SHIFT_BOUND·max|z| (refit a0, a1 with a2 raised)
+    big = np.maximum(np.abs(lo), np.abs(hi)) + 1e-6
+    for _ in range(4):
+        need = np.abs(a1) / (2 * SHIFT_BOUND * big)
+        bad = np.abs(a2) < need
+        if not bad.any():
+            break
+        sign = np.where(a2 < 0, -1.0, 1.0)
+        a2 = np.where(bad, sign * need * 1.01, a2)
+        resid = ys - a2[None, :] * xs * xs
+        g2 = np.einsum("r,ruk,rul->ukl", w, basis[..., :2], basis[..., :2]) + 1e-10 * np.eye(2)
+        r2 = np.einsum("r,ruk,ru->uk", w, basis[..., :2], resid)
+        c2 = np.linalg.solve(g2, r2[..., None])[..., 0]
+        a1 = np.where(bad, c2[:, 1] / sd, a1)
+        a0 = np.where(bad, c2[:, 0] - c2[:, 1] * m / sd, a0)
+    return a0, a1, _bound_a2(a1, a2, big)
+
+
+def _bound_a2(a1: np.ndarray, a2: np.ndarray, big: np.ndarray) -> np.ndarray:
+    """Raise ``|a2|`` where needed so ``|a1/2a2| ≤ SHIFT_BOUND · big`` and ``a2 ≠ 0``."""
+    need = np.abs(a1) / (2 * SHIFT_BOUND * big)
+    a2 = np.where(np.abs(a2) < need, np.where(a2 < 0, -1.0, 1.0) * need, a2)
+    floor = 1e-9 / big**2  # a dead unit (constant output) still needs a nonzero square
+    return np.where(np.abs(a2) < floor, floor, a2)
+
+
 def _affine_of(steps: Sequence[_Step], in_shape: tuple[int, ...]) -> tuple[Affine, tuple[int, ...]]:
     """The dense affine map of a run of linear steps (``W = f(I) - f(0)``, ``b = f(0)``)."""
     d = int(np.prod(in_shape))
@@ -491,6 +679,8 @@ def compile_model(
     bounds: tuple[float, float] = (0.0, 1.0),
     source: dict[str, Any] | None = None,
     tolerance: float = 1e-3,
+    fits: Sequence[tuple[str, float]] | None = None,
+    refine: bool = True,
 ) -> Plan:
     """Compile ``module`` (eval mode) into a :class:`Plan`.
 
@@ -539,14 +729,78 @@ def compile_model(
         _Step(s.kind, s.name, _to_double(s.fn), s.coeffs) if s.kind == "linear" else s
         for s in steps
     ]
-    return _build(steps64, shape, calibration.double(), source or {})
+    calib64 = calibration.double()
+    if not any(st.kind in ("relu", "sigmoid") for st in _trim_outputs(steps64)[0]):
+        return _build(steps64, shape, calib64, source or {})
+    # ReLU / sigmoid are approximated: build the candidate fits, keep the one whose plan
+    # agrees best with the model on the calibration inputs (then the smaller logit error)
+    ref_np = ref.reshape(ref.shape[0], -1).numpy()
+    best: tuple[tuple[float, float], Plan] | None = None
+    tried: dict[str, float] = {}
+    candidates = tuple(fits or FIT_CANDIDATES)
+    for fit in candidates:
+        plan = _build(list(steps64), shape, calib64, source or {}, fit)
+        out = plan.forward(calib64.reshape(calib64.shape[0], -1).numpy())
+        agree = float((predict_labels(plan, out) == predict_labels(plan, ref_np)).mean())
+        mse = float(np.mean((out - ref_np) ** 2))
+        tried[f"{fit[0]}/{fit[1]}"] = agree
+        if best is None or (agree, -mse) > best[0]:
+            best = ((agree, -mse), plan)
+    assert best is not None
+    fit_kind = best[1].activations[0].get("fit", "unit") if best[1].activations else "unit"
+    plan, agreement = best[1], best[0][0]
+    if refine:
+        chosen = next(f for f in candidates if f[0] == fit_kind)
+        tuned = _build(list(steps64), shape, calib64, source or {}, chosen, ref_np)
+        out = tuned.forward(calib64.reshape(calib64.shape[0], -1).numpy())
+        tuned_agreement = float(
+            (predict_labels(tuned, out) == predict_labels(tuned, ref_np)).mean()
+        )
+        if tuned_agreement >= agreement:
+            plan, agreement = tuned, tuned_agreement
+    plan.fidelity = {
+        "calibration_samples": int(calib64.shape[0]),
+        "calibration_agreement": agreement,
+        "fit": plan.activations[0].get("fit") if plan.activations else None,
+        "candidates": tried,
+    }
+    if agreement < FIDELITY_WARN:
+        msg = (
+            f"the plan's polynomial activations agree with the model's predictions on only "
+            f"{agreement:.1%} of the calibration inputs: expect an accuracy cost; fine-tune "
+            "with 'modelshield he finetune' (trainable quadratic activations) and compile "
+            "the fine-tuned model"
+        )
+        plan.notes.append("WARNING: " + msg)
+        plan.fidelity["warning"] = msg
+        logger.warning(msg)
+    return plan
+
+
+FIT_CANDIDATES: tuple[tuple[str, float], ...] = (("unit", 0.1), ("layer", 0.5))
+"""How ReLU / sigmoid quadratics are fitted: per neuron (grid weight 0.1) or per layer
+(grid weight 0.5, the classic CryptoNets-style single polynomial); the compiler keeps the
+one whose plan agrees best with the model on the calibration inputs."""
+
+FIDELITY_WARN = 0.995
+"""Warn (notes, log, reports) when the compiled plan agrees with the model on fewer
+calibration inputs than this."""
+
+
+def _trim_outputs(steps: list[_Step]) -> tuple[list[_Step], str]:
+    """Strip trailing output maps (sigmoid / softmax / ReLU), applied after decryption."""
+    output = "identity"
+    while steps and steps[-1].kind in ("sigmoid", "softmax", "relu") and output == "identity":
+        output = {"sigmoid": "sigmoid", "softmax": "softmax", "relu": "relu"}[steps[-1].kind]
+        steps = steps[:-1]
+    return steps, output
 
 
 def _to_double(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     if isinstance(fn, nn.Module) and not isinstance(fn, torch.jit.ScriptModule):
         import copy
 
-        m = copy.deepcopy(fn).double()
+        m = copy.deepcopy(fn).double().requires_grad_(False)
         return m  # type: ignore[no-any-return]
 
     def run(t: Tensor) -> Tensor:
@@ -560,14 +814,30 @@ def _to_double(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     return run
 
 
+@dataclass
+class _Poly:
+    """A degree-2 activation per unit (``a0 + a1 z + a2 z²``, each of shape (units,))."""
+
+    a0: np.ndarray
+    a1: np.ndarray
+    a2: np.ndarray
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        return self.a0 + self.a1 * z + self.a2 * z * z
+
+
 def _build(
-    steps: list[_Step], shape: tuple[int, ...], calib: Tensor, source: dict[str, Any]
+    steps: list[_Step],
+    shape: tuple[int, ...],
+    calib: Tensor,
+    source: dict[str, Any],
+    fit: tuple[str, float] = ("unit", 0.1),
+    target: np.ndarray | None = None,
 ) -> Plan:
-    # trailing output maps (applied by the client after decryption)
-    output = "identity"
-    while steps and steps[-1].kind in ("sigmoid", "softmax", "relu") and output == "identity":
-        output = {"sigmoid": "sigmoid", "softmax": "softmax", "relu": "relu"}[steps[-1].kind]
-        steps = steps[:-1]
+    """Collapse ``steps`` into a plan; ``fit`` = (``"unit"`` | ``"layer"``, grid weight)
+    says how ReLU / sigmoid quadratics are fitted: one per neuron or one per layer. With
+    ``target`` (the model's outputs on ``calib``) the fits are then refined end to end."""
+    steps, output = _trim_outputs(steps)
     if any(s.kind == "softmax" for s in steps):
         i = next(i for i, s in enumerate(steps) if s.kind == "softmax")
         raise _refuse(i, f"{steps[i].name}: softmax is only allowed as the last layer")
@@ -584,66 +854,26 @@ def _build(
             groups.append([s])
     if not groups or groups[-1][0].kind != "linear":
         raise UnsupportedModelError("the model has no linear layer to end with")
-    layers: list[Affine | str] = []
-    acts: list[dict[str, Any]] = []
-    notes: list[str] = []
-    max_abs: list[float] = [float(calib.abs().max())]
-    cur_shape = shape
-    h = calib
-    pending: tuple[float, float] | None = None  # activation to fold into next affine
-    for g in groups:
-        if g[0].kind == "linear":
-            aff, cur_shape = _affine_of(g, cur_shape)
-            if pending is not None:  # next layer absorbs sign·u + d of the previous square
-                sign, d = pending[0], pending[1]
-                aff = Affine(aff.w * sign, aff.b + d * aff.w.sum(axis=1))
-                pending = None
-            h = h.reshape(h.shape[0], -1)
-            layers.append(aff)
-            z = h.numpy() @ aff.w.T + aff.b
-            h = torch.from_numpy(z)
-            max_abs.append(float(np.abs(z).max()))
-            continue
-        s = g[0]
-        last = layers[-1] if layers else None
-        if not isinstance(last, Affine):
-            raise UnsupportedModelError(
-                f"{s.name}: an activation must follow a linear or convolutional layer (not the "
-                "input or another activation); put a Linear or Conv2d layer before it"
-            )
-        z = h.numpy()
-        info: dict[str, Any] = {"layer": s.name, "kind": s.kind}
-        if s.kind == "square":
-            a0, a1, a2 = 0.0, 0.0, 1.0
-        elif s.kind == "poly":
-            assert s.coeffs is not None
-            a0, a1, a2 = s.coeffs
-        else:
-            (a0, a1, a2), (lo, hi) = fit_quadratic(s.kind, z)
-            info["range"] = [lo, hi]
-            exact = np.maximum(z, 0) if s.kind == "relu" else 1 / (1 + np.exp(-z))
-            info["fit_max_error"] = float(np.abs(a0 + a1 * z + a2 * z * z - exact).max())
+    seq, acts, notes, ops = _fit_sequence(groups, shape, calib, fit)
+    if target is not None and any(a.get("fit") for a in acts):
+        refined = refine_activations(
+            seq, calib.reshape(calib.shape[0], -1).numpy(), target, ops=ops
+        )
+        if refined is not None:
+            seq = refined
             notes.append(
-                f"{s.name}: {s.kind} replaced by the fitted polynomial "
-                f"{a0:.4g} + {a1:.4g}·x + {a2:.4g}·x² over the observed range [{lo:.3g}, {hi:.3g}]"
+                "the fitted quadratics were then refined to match the model's outputs on "
+                "the calibration inputs (weights unchanged)"
             )
-        info["coeffs"] = [a0, a1, a2]
-        acts.append(info)
-        if abs(a2) < 1e-12:
-            raise _refuse(
-                len(layers), f"{s.name}: a polynomial of degree < 2 (fold it into the layers)"
-            )
-        sc = math.sqrt(abs(a2))
-        shift = a1 / (2 * a2)
-        layers[-1] = Affine(last.w * sc, (last.b + shift) * sc)
-        layers.append("square")
-        pending = (math.copysign(1.0, a2), a0 - a1 * a1 / (4 * a2))
-        u = (z + shift) * sc
-        h = torch.from_numpy(u * u)
-        max_abs[-1] = float(np.abs(u).max())
-        max_abs.append(float(np.abs(u * u).max()))
-    if pending is not None:
-        raise UnsupportedModelError("the model ends with an activation the plan cannot absorb")
+            for a in acts:
+                if a.get("fit"):
+                    a["refined"] = True
+    layers = _fold(seq)
+    x = calib.reshape(calib.shape[0], -1).numpy()
+    max_abs = [float(np.abs(x).max())]
+    for layer in layers:
+        x = x @ layer.w.T + layer.b if isinstance(layer, Affine) else x * x
+        max_abs.append(float(np.abs(x).max()))
     return Plan(
         input_shape=shape,
         layers=layers,
@@ -653,6 +883,218 @@ def _build(
         source=source,
         max_abs=max_abs,
     )
+
+
+def _fit_sequence(
+    groups: list[list[_Step]], shape: tuple[int, ...], calib: Tensor, fit: tuple[str, float]
+) -> tuple[
+    list[Affine | _Poly], list[dict[str, Any]], list[str], dict[int, Callable[[Tensor], Tensor]]
+]:
+    """Affine maps and degree-2 activations, fitted layer by layer on calibration data.
+
+    Also returns, per affine map (by ``id``), a function computing it with the model's own
+    layers (a convolution rather than its dense unrolled matrix).
+
+    ``h`` follows what the plan computes (earlier polynomials included) and ``h_exact``
+    what the model computes; each ReLU / sigmoid is fitted to map the former onto the
+    latter, so later fits absorb earlier approximation error.
+    """
+    seq: list[Affine | _Poly] = []
+    acts: list[dict[str, Any]] = []
+    notes: list[str] = []
+    ops: dict[int, Callable[[Tensor], Tensor]] = {}
+    cur_shape = shape
+    h = calib.reshape(calib.shape[0], -1).numpy()
+    h_exact = h
+    for g in groups:
+        if g[0].kind == "linear":
+            in_shape = cur_shape
+            aff, cur_shape = _affine_of(g, cur_shape)
+            # the layers themselves, for cheap evaluation (refinement): no dense matrix
+            ops[id(aff)] = lambda t, g=g, sh=in_shape: _run_steps(g, t.reshape(-1, *sh)).reshape(  # type: ignore[misc]
+                t.shape[0], -1
+            )
+            seq.append(aff)
+            h, h_exact = h @ aff.w.T + aff.b, h_exact @ aff.w.T + aff.b
+            continue
+        s = g[0]
+        if not seq or not isinstance(seq[-1], Affine):
+            raise UnsupportedModelError(
+                f"{s.name}: an activation must follow a linear or convolutional layer (not the "
+                "input or another activation); put a Linear or Conv2d layer before it"
+            )
+        units = h.shape[1]
+        info: dict[str, Any] = {"layer": s.name, "kind": s.kind}
+        if s.kind in ("square", "poly"):
+            c = (0.0, 0.0, 1.0) if s.kind == "square" else s.coeffs
+            if c is None:
+                raise UnsupportedModelError(f"{s.name}: polynomial activation without coefficients")
+            poly = _Poly(
+                *(np.broadcast_to(np.asarray(v, np.float64).reshape(-1), units).copy() for v in c)
+            )
+            info["coeffs"] = [float(np.mean(v)) for v in c]
+            h_exact = poly(h_exact)
+        else:
+            exact = _exact_activation(s.kind, h_exact)
+            if fit[0] == "unit":
+                poly = _Poly(*fit_quadratic_units(s.kind, h, exact, grid_weight=fit[1]))
+            else:  # one quadratic for the whole layer, broadcast to its units
+                one = fit_quadratic_units(
+                    s.kind, h.reshape(-1, 1), exact.reshape(-1, 1), grid_weight=fit[1]
+                )
+                poly = _Poly(*(np.full(units, float(v[0])) for v in one))
+            lo, hi = float(h.min()), float(h.max())
+            err = np.abs(poly(h) - exact)
+            info.update(
+                fit=fit[0],
+                range=[lo, hi],
+                units=units,
+                fit_max_error=float(err.max()),
+                fit_rms_error=float(np.sqrt(np.mean(err**2))),
+            )
+            notes.append(
+                f"{s.name}: {s.kind} replaced by a quadratic fitted "
+                f"{'per unit' if fit[0] == 'unit' else 'per layer'} ({units} units) on the "
+                f"calibration data (pre-activations in [{lo:.3g}, {hi:.3g}]; fit RMS error "
+                f"{info['fit_rms_error']:.3g})"
+            )
+            h_exact = exact
+        if np.any(poly.a2 == 0):
+            raise _refuse(
+                len(seq), f"{s.name}: a polynomial of degree < 2 (fold it into the layers)"
+            )
+        seq.append(poly)
+        acts.append(info)
+        h = poly(h)
+    return seq, acts, notes, ops
+
+
+def refine_activations(
+    seq: list[Affine | _Poly],
+    x: np.ndarray,
+    target: np.ndarray,
+    *,
+    ops: dict[int, Callable[[Tensor], Tensor]] | None = None,
+    steps: int = 150,
+    batch: int = 128,
+    lr: float = 0.01,
+    seed: int = 0,
+) -> list[Affine | _Poly] | None:
+    """Tune the per-unit quadratics so the plan's outputs match the model's (``target``).
+
+    Layer-wise fits ignore how errors compound through depth; this distils the model into
+    the plan's activations only (the affine weights stay fixed), minimising the KL
+    divergence between the model's and the plan's softmax outputs plus their logit MSE,
+    with each coefficient moved relative to its fitted value. A quarter of ``x`` is held
+    out: the refined activations are returned only if they agree with the model there at
+    least as often as the fitted ones (else ``None``).
+    """
+    n = x.shape[0]
+    if n < 32:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    hold, fit_idx = perm[: n // 4], perm[n // 4 :]
+    xt = torch.from_numpy(x)
+    tt = torch.from_numpy(target.reshape(n, -1).astype(np.float64))
+    ops = dict(ops or {})
+    for item in seq:
+        if isinstance(item, Affine) and id(item) not in ops:
+            w, b = torch.from_numpy(item.w), torch.from_numpy(item.b)
+            ops[id(item)] = lambda t, w=w, b=b: t @ w.T + b  # type: ignore[misc]
+    polys = [item for item in seq if isinstance(item, _Poly)]
+    base_c = [tuple(torch.from_numpy(v) for v in (p.a0, p.a1, p.a2)) for p in polys]
+    deltas = [torch.zeros(3, p.a0.shape[0], dtype=torch.float64, requires_grad=True) for p in polys]
+
+    def coeffs(k: int, d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a0, a1, a2 = base_c[k]
+        return a0 + d[0] * (a1.abs() + a2.abs() + 1e-3), a1 * (1 + d[1]), a2 * (1 + d[2])
+
+    def run(rows: Tensor, ds: list[Tensor]) -> Tensor:
+        h = xt[rows]
+        k = 0
+        for item in seq:
+            if isinstance(item, Affine):
+                h = ops[id(item)](h)
+            else:
+                c0, c1, c2 = coeffs(k, ds[k])
+                h = c0 + c1 * h + c2 * h * h
+                k += 1
+        return h
+
+    def agreement(rows: Tensor, ds: list[Tensor]) -> float:
+        with torch.no_grad():
+            out, ref = run(rows, ds), tt[rows]
+            if out.shape[1] == 1:
+                return float(((out > 0) == (ref > 0)).double().mean())
+            return float((out.argmax(1) == ref.argmax(1)).double().mean())
+
+    zero = [torch.zeros_like(d) for d in deltas]
+    base = agreement(hold, zero)
+    opt = torch.optim.Adam(deltas, lr=lr)
+    var = tt[fit_idx].var() + 1e-12
+    multi = tt.shape[1] > 1
+    for _ in range(steps):
+        rows = fit_idx[torch.randint(len(fit_idx), (min(batch, len(fit_idx)),), generator=g)]
+        out, ref = run(rows, deltas), tt[rows]
+        loss = ((out - ref) ** 2).mean() / var
+        if multi:
+            loss = loss + torch.nn.functional.kl_div(
+                out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="batchmean"
+            )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for d in deltas:
+                d[1:].clamp_(-0.9, 3.0)
+    refined = agreement(hold, deltas)
+    logger.debug("activation refinement: held-out agreement %.4f -> %.4f", base, refined)
+    if refined < base:
+        return None
+    out_seq: list[Affine | _Poly] = []
+    k = 0
+    for item in seq:
+        if isinstance(item, Affine):
+            out_seq.append(item)
+            continue
+        c0, c1, c2 = (c.detach().numpy() for c in coeffs(k, deltas[k]))
+        k += 1
+        big = np.maximum(np.abs(c1 / np.where(c2 == 0, 1, 2 * c2)), 1.0)
+        if not np.all(np.isfinite([c0, c1, c2])):
+            return None
+        out_seq.append(_Poly(c0, c1, c2 if np.all(c2 != 0) else _bound_a2(c1, c2, big)))
+    return out_seq
+
+
+def _fold(seq: list[Affine | _Poly]) -> list[Affine | str]:
+    """Rewrite ``affine → a0 + a1 z + a2 z² → affine`` as ``affine → square → affine``.
+
+    ``a2 z² + a1 z + a0 = sign(a2) · (√|a2| (z + a1/2a2))² + (a0 − a1²/4a2)``: the scale
+    and shift go into the affine map before the square, the sign and constant into the
+    one after it, so each activation costs one multiplicative level.
+    """
+    layers: list[Affine | str] = []
+    pending: tuple[np.ndarray, np.ndarray] | None = None
+    for item in seq:
+        if isinstance(item, Affine):
+            aff = item
+            if pending is not None:
+                sign, d = pending
+                aff = Affine(aff.w * sign[None, :], aff.b + aff.w @ d)
+                pending = None
+            layers.append(aff)
+            continue
+        last = layers[-1]
+        assert isinstance(last, Affine)
+        sc = np.sqrt(np.abs(item.a2))
+        shift = item.a1 / (2 * item.a2)
+        layers[-1] = Affine(last.w * sc[:, None], (last.b + shift) * sc)
+        layers.append("square")
+        pending = (np.sign(item.a2), item.a0 - item.a1 * item.a1 / (4 * item.a2))
+    if pending is not None:
+        raise UnsupportedModelError("the model ends with an activation the plan cannot absorb")
+    return layers
 
 
 def model_forward_np(module: nn.Module, x: np.ndarray, input_shape: Sequence[int]) -> np.ndarray:

@@ -57,6 +57,30 @@ def _accuracy(model: nn.Module, data: Dataset, batch: int = 512) -> float:
     return correct / max(1, len(data))
 
 
+def _graph_of(model: nn.Module) -> torch.fx.GraphModule | None:
+    """The fx graph of an exported program (bare, or inside the loader's wrapper)."""
+    inner = getattr(model, "program", model)
+    return inner if isinstance(inner, torch.fx.GraphModule) else None
+
+
+def _relus_to_modules(gm: torch.fx.GraphModule) -> None:
+    """Turn each ``aten.relu`` call of an exported graph into an ``nn.ReLU`` submodule
+    call, so it can be swapped for a :class:`PolyAct` like any other ReLU."""
+    relu_ops = {torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
+    k = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in relu_ops:
+            name = f"he_relu{k}"
+            k += 1
+            gm.add_submodule(name, nn.ReLU())
+            with gm.graph.inserting_after(node):
+                repl = gm.graph.call_module(name, (node.args[0],))
+            node.replace_all_uses_with(repl)
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
 def make_he_friendly(
     model: nn.Module,
     train: Dataset,
@@ -80,9 +104,15 @@ def make_he_friendly(
     started = time.time()
     torch.manual_seed(seed)
     new = copy.deepcopy(model).float()
+    graph = _graph_of(new)
+    if graph is not None:
+        _relus_to_modules(graph)
     relus = [(n, m) for n, m in new.named_modules() if isinstance(m, nn.ReLU)]
     if not relus:
-        raise UnsupportedModelError("the model has no nn.ReLU module to replace")
+        raise UnsupportedModelError(
+            "the model has no ReLU to replace (nn.ReLU modules, or aten.relu in a torch.export "
+            "graph); TorchScript models cannot be edited: give a .pt2 or a state_dict + --arch"
+        )
     seen: dict[str, list[Tensor]] = {n: [] for n, _ in relus}
     hooks = [
         m.register_forward_hook(lambda _m, inp, _o, n=n: seen[n].append(inp[0].detach()))
@@ -99,6 +129,8 @@ def make_he_friendly(
         fits[name] = {"coeffs": list(coeffs), "range": list(rng)}
         parent = new.get_submodule(name.rsplit(".", 1)[0]) if "." in name else new
         setattr(parent, name.rsplit(".", 1)[-1], PolyAct(coeffs))
+    for p in new.parameters():
+        p.requires_grad_(True)
     evald = test if test is not None else train
     before = _accuracy(model, evald)
     swapped = _accuracy(new, evald)
@@ -113,7 +145,12 @@ def make_he_friendly(
             opt.zero_grad()
             loss.backward()
             opt.step()
-        logger.info("HE-friendly fine-tuning: epoch %d/%d, loss %.4f", epoch + 1, epochs, loss)
+        logger.info(
+            "HE-friendly fine-tuning: epoch %d/%d, loss %.4f",
+            epoch + 1,
+            epochs,
+            float(loss.detach()),
+        )
     new.eval()
     after = _accuracy(new, evald)
     report = {

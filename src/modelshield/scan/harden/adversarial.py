@@ -115,7 +115,12 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path) -> None:
     module.eval()
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     try:
-        program = torch.export.export(module, (example[:2],), dynamic_shapes=({0: batch},))
+        try:
+            program = torch.export.export(module, (example[:2],), dynamic_shapes=({0: batch},))
+        except Exception:  # e.g. a re-exported graph keeps its own batch range: infer it
+            program = torch.export.export(
+                module, (example[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},)
+            )
     except Exception as exc:  # torch's own error, in one line
         raise UnsupportedModelError(
             f"the hardened model could not be exported with torch.export: {type(exc).__name__}: "
