@@ -206,9 +206,12 @@ def test_ood_block_over_http_refuses_with_a_code_and_spends_nothing(bundle: Bund
     gateway = load_gateway(str(bundle.model_pt2), [ood, "budget=1000"])
     url, stop = serve_in_thread(create_app(gateway))
     try:
-        honest = oracle(url, "alice", batch_size=20)
+        # one request at a time, no retries: a request that timed out under load and was
+        # sent again would be counted twice and move the first test's sample
+        steady = {"batch_size": 20, "max_concurrency": 1, "retries": 1, "timeout": 120.0}
+        honest = oracle(url, "alice", **steady)
         honest.query(x[60:])  # 60 in-distribution queries: served
-        attacker = oracle(url, "mallory", batch_size=20)
+        attacker = oracle(url, "mallory", **steady)
         noise = torch.rand(200, 1, 6, 6, generator=torch.Generator().manual_seed(0))
         with pytest.raises(OracleError, match=r"HTTP 403.*extraction_suspected"):
             attacker.query(noise)
