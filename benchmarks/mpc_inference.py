@@ -87,6 +87,7 @@ def mpc_run(model: Path, data: Path, out: Path, **kw: Any) -> dict[str, Any]:
     lat = r["latency"]
     row = {
         "n": r["n"],
+        "int_bits": r["int_bits"],
         "batch_size": lat["batch_size"],
         "frac_bits": r["frac_bits"],
         "seconds_per_batch": lat["seconds_per_batch"],
@@ -152,6 +153,8 @@ def main() -> None:
     ap.add_argument("--latency-n", type=int, default=5, help="samples timed at batch 1")
     ap.add_argument("--no-mnist", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--frac-bits", type=int, default=16, help="fixed point of the main runs")
+    ap.add_argument("--int-bits", type=int, default=16, help="integer bits of the main runs")
     ap.add_argument(
         "--low-bits-only",
         action="store_true",
@@ -168,7 +171,8 @@ def main() -> None:
         "machine": machine(torch.device("cpu")),
         "command": "scripts/loopback.sh .venv/bin/python benchmarks/mpc_inference.py "
         + " ".join(sys.argv[1:]),
-        "engine": "MPyC (Shamir, 3 parties, threshold 1, passive security), SecFxp(32, 16)",
+        "engine": "MPyC (Shamir, 3 parties, threshold 1, passive security), SecFxp("
+        f"{args.frac_bits + args.int_bits}, {args.frac_bits})",
         "models": {},
     }
     try:
@@ -208,11 +212,12 @@ def main() -> None:
             model = export(net, te.x[:2], d / f"{name}.pt2")
             te.subset(range(n_eval)).to_npz(d / f"{name}.npz")
             entry: dict[str, Any] = {"architecture": sizes, "train_steps": steps}
+            fx = {"frac_bits": args.frac_bits, "int_bits": args.int_bits}
             entry["batch_100"] = mpc_run(
-                model, d / f"{name}.npz", d / f"{name}-b100", batch_size=100
+                model, d / f"{name}.npz", d / f"{name}-b100", batch_size=100, **fx
             )
             entry["batch_1"] = mpc_run(
-                model, d / f"{name}.npz", d / f"{name}-b1", batch_size=1, limit=args.latency_n
+                model, d / f"{name}.npz", d / f"{name}-b1", batch_size=1, limit=args.latency_n, **fx
             )
             entry["plaintext_seconds_per_batch"] = {
                 "1": plaintext_latency(net, te.x, 1),

@@ -190,9 +190,17 @@ def run_infer(**opts: Any) -> dict[str, Any]:
         trust_pickle=bool(opts.get("trust_pickle")),
     )
     frac = int(opts.get("frac_bits") or DEFAULT_FRAC_BITS)
+    int_bits = int(opts.get("int_bits") or DEFAULT_INT_BITS)
+    peak = mpc_model.max_abs(x)
+    if peak >= 2 ** (int_bits - 1):
+        need = int(np.ceil(np.log2(peak + 1))) + 2
+        raise InvalidConfigError(
+            f"--int-bits {int_bits} holds values below {2 ** (int_bits - 1)}, but the model's "
+            f"inputs or layer outputs on --data reach {peak:.4g}: use --int-bits {need} or more"
+        )
     reveal = opts.get("reveal") or "label"
     common = [
-        "--frac-bits", str(frac), "--int-bits", str(int(opts.get("int_bits") or DEFAULT_INT_BITS)),
+        "--frac-bits", str(frac), "--int-bits", str(int_bits),
         "--batch-size", str(int(opts.get("batch_size") or 100)), "--reveal", reveal,
         "--bounds", f"{bounds[0]},{bounds[1]}",
     ]  # fmt: skip
@@ -229,6 +237,7 @@ def run_infer(**opts: Any) -> dict[str, Any]:
         "roles": [s.role for s in specs],
         "frac_bits": frac,
         "int_bits": dp["int_bits"],
+        "max_abs_value": peak,
         "reveal": reveal,
         "accuracy": _acc(pred, y),
         "plaintext_accuracy": _acc(plain_pred, y),

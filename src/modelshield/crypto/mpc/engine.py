@@ -335,11 +335,8 @@ def infer_program(
             if role == "data":
                 assert x is not None
                 mine["n"], mine["input_dim"] = int(x.shape[0]), int(x.shape[1])
-                mine["frac_bits"], mine["batch_size"], mine["reveal"] = (
-                    frac_bits,
-                    batch_size,
-                    reveal,
-                )
+                mine.update(frac_bits=frac_bits, int_bits=int_bits, batch_size=batch_size)
+                mine["reveal"] = reveal
             metas = await exchange_meta(rt, mine)
         roles = [m["role"] for m in metas]
         if roles.count("model") != 1 or roles.count("data") != 1:
@@ -357,7 +354,8 @@ def infer_program(
                 arch = model.architecture.to_dict()
             arch = await rt.transfer(arch, senders=mp)
         fb, bs, rv = int(dmeta["frac_bits"]), int(dmeta["batch_size"]), str(dmeta["reveal"])
-        secfxp = secfxp_type(rt, fb, int_bits)
+        ib = int(dmeta["int_bits"])  # the data owner's settings hold for every party
+        secfxp = secfxp_type(rt, fb, ib)
         t0 = time.perf_counter()
         weights = []
         with tr.during("input:weights"):
@@ -397,7 +395,7 @@ def infer_program(
             "n": n,
             "batch_size": bs,
             "frac_bits": fb,
-            "int_bits": int_bits,
+            "int_bits": ib,
             "field_modulus": str(secfxp.field.modulus),
             "reveal": rv,
             "seconds": time.perf_counter() - t0,

@@ -96,7 +96,19 @@ class MPCModel:
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Plaintext evaluation of the layer list (the reference the MPC run must match)."""
+        return self._run(x)[0]
+
+    def max_abs(self, x: np.ndarray) -> float:
+        """Largest |value| of the inputs and of every layer's output on ``x``.
+
+        Fixed point with ``int_bits`` integer bits (sign included) holds values below
+        ``2**(int_bits - 1)``; beyond it, secure comparisons and truncations go wrong.
+        """
+        return self._run(x)[1]
+
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         h = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        peak = float(np.abs(h).max()) if h.size else 0.0
         if h.shape[1] != self.input_dim:
             raise DataError(f"inputs have {h.shape[1]} features; the model takes {self.input_dim}")
         for la in self.layers:
@@ -107,8 +119,10 @@ class MPCModel:
                 h = np.maximum(h, 0.0)
             else:
                 a0, a1, a2 = la.coeffs or (0.0, 0.0, 1.0)
+                peak = max(peak, float(np.abs(h * h).max()) if h.size else 0.0)
                 h = a0 + a1 * h + a2 * h * h
-        return h
+            peak = max(peak, float(np.abs(h).max()) if h.size else 0.0)
+        return h, peak
 
 
 def compile_model(

@@ -110,6 +110,14 @@ def run_party(
             from modelshield.crypto.mpc.model import load_mpc_model
 
             mpc_model, _ = load_mpc_model(model, input_shape, arch=arch, trust_pickle=trust_pickle)
+            probe = np.random.default_rng(0).uniform(*bounds, (256, mpc_model.input_dim))
+            peak = mpc_model.max_abs(probe)  # the model owner's own check; nothing is sent
+            if peak >= 2 ** (int_bits - 2):
+                logger.warning(
+                    "on random inputs in %s the model's values reach %.4g, near the fixed-point "
+                    "limit %d of --int-bits %d: wrong results if real inputs go beyond it",
+                    bounds, peak, 2 ** (int_bits - 1), int_bits,
+                )  # fmt: skip
         program = infer_program(
             role=role,
             frac_bits=frac_bits,
