@@ -339,3 +339,31 @@ def test_joint_training_matches_pooled_plaintext(tmp_path: Path) -> None:
             xk = z["x"]
         msgs = load_transcript(out / f"party-{k}-transcript.bin")
         assert not _leaks([m[2] for m in msgs], [xk], 16)
+
+
+def test_cnn_logits_over_real_processes(files: Files, tmp_path: Path) -> None:
+    """Conv2d + BatchNorm + ReLU + AvgPool + Linear, 3 processes, logits vs plaintext."""
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(64, 10),
+    )  # fmt: skip
+    bn = net[1]
+    assert isinstance(bn, nn.BatchNorm2d)
+    bn.running_mean.uniform_(-0.2, 0.2)
+    bn.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    torch.jit.save(torch.jit.script(net), tmp_path / "cnn.ts")
+    out = tmp_path / "cnn"
+    r = run_cli("mpc", "infer", "--model", str(tmp_path / "cnn.ts"), "--data", str(files.data),
+                "--limit", "20", "--reveal", "logits", "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "result.json").read_text())
+    x = load_dataset(str(files.data)).x[:20]
+    with torch.no_grad():
+        ref = net(x).double().numpy()
+    with np.load(out / "party-1-outputs.npz") as z:
+        got = z["outputs"]
+    assert got.shape == (20, 10)
+    assert np.abs(got - ref).max() < 64 * 2.0**-16 * max(1.0, float(np.abs(ref).max()))
+    assert res["max_abs_error"] < 1e-2 and res["reveal"] == "logits"
