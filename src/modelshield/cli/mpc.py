@@ -67,7 +67,7 @@ def mpc_group() -> None:
     """
 
 
-@mpc_group.command("party")
+@mpc_group.command("party", short_help="Run one party (a process; can be on its own host).")
 @click.option("--id", "id", type=click.IntRange(min=0), required=True, help="This party's index.")
 @click.option("--parties", required=True, help="HOST:PORT of every party, in index order.")
 @click.option("--role", type=click.Choice(["model", "data", "compute"]), required=True)
@@ -108,7 +108,7 @@ def party_cmd(**opts: Any) -> None:
     click.echo(f"party {r['pid']} ({r['role']}): done in {r['wall_time']:.2f} s")
 
 
-@mpc_group.command("infer")
+@mpc_group.command("infer", short_help="Secret-shared inference, parties as local processes.")
 @click.option("--model", "model", required=True, type=click.Path(dir_okay=False),
               help="Model file: torch.export .pt2, TorchScript, or state_dict (+ --arch).")  # fmt: skip
 @click.option("--arch", help="Architecture of a state_dict: 'pkg.mod:factory' or built-in.")
@@ -143,7 +143,7 @@ def infer_cmd(**opts: Any) -> None:
     click.echo(f"result: {opts['out']}/result.json")
 
 
-@mpc_group.command("train")
+@mpc_group.command("train", short_help="Joint training on horizontally split data.")
 @click.option("--data", "data", required=True, help="One file per data party: PATH1,PATH2,...")
 @click.option("--model", "model", type=click.Choice(["logistic", "linear"]), default="logistic",
               show_default=True)  # fmt: skip
