@@ -184,3 +184,57 @@ def test_training_program_matches_plaintext_gd(kind: str) -> None:
     assert np.abs(r["weights"]["w"] - w).max() < 1e-3
     assert abs(float(r["weights"]["b"][0]) - b) < 1e-3
     assert np.abs(w).max() > 0.05  # it did learn something the comparison can miss
+
+
+def _conv_net() -> nn.Module:
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.BatchNorm2d(3), nn.ReLU(),
+        nn.Conv2d(3, 4, 2, dilation=2, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(16, 5),
+    )  # fmt: skip
+    bn = net[1]
+    assert isinstance(bn, nn.BatchNorm2d)
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@pytest.mark.parametrize("fmt", ["module", "torchscript", "export"])
+def test_convolutions_are_im2col_with_batchnorm_folded(fmt: str, tmp_path: Path) -> None:
+    """Only the kernels are shared (no unrolled matrix); padding, stride, dilation, BN."""
+    net = _conv_net()
+    x = torch.rand((6, 2, 7, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = net(x).double().numpy()
+    if fmt == "module":
+        model = compile_model(net, (2, 7, 7))
+    else:
+        path = tmp_path / "m"
+        if fmt == "torchscript":
+            torch.jit.save(torch.jit.script(net), path)
+        else:
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            torch.export.save(
+                torch.export.export(net, (x[:2],), dynamic_shapes=({0: batch},)), path
+            )
+        model, _ = load_mpc_model(str(path), (2, 7, 7))
+    assert [la.kind for la in model.layers] == ["conv", "relu", "conv", "relu", "affine"]
+    convs = [la.spec() for la in model.layers if la.kind == "conv"]
+    assert [(c["in"], c["out"], c["out_shape"]) for c in convs] == [
+        (18, 3, [3, 4, 4]),
+        (12, 4, [4, 2, 2]),
+    ]
+    xf = x.double().reshape(6, -1).numpy()
+    assert np.abs(model.forward(xf) - ref).max() < 1e-6
+    assert np.abs(run_local(model, xf) - ref).max() < 1e-3
+
+
+def test_grouped_convolution_falls_back_to_the_unrolled_matrix() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(36, 3)).eval()
+    model = compile_model(net, (2, 5, 5))
+    assert [la.kind for la in model.layers] == ["affine"]
+    x = np.random.default_rng(0).random((4, 50))
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x).float().reshape(4, 2, 5, 5)).double().numpy()
+    assert np.abs(run_local(model, x) - ref).max() < 1e-3

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_FRAC_BITS = 16
 DEFAULT_INT_BITS = 16
+WEIGHTED = ("affine", "conv")
+"""Layer kinds whose weights the model owner secret-shares."""
 
 
 class MPCError(ModelShieldError):
@@ -359,8 +361,8 @@ def infer_program(
         t0 = time.perf_counter()
         weights = []
         with tr.during("input:weights"):
-            own = [la for la in (model.layers if rt.pid == mp else []) if la.kind == "affine"]
-            affines = [s for s in arch["layers"] if s["kind"] == "affine"]
+            own = [la for la in (model.layers if rt.pid == mp else []) if la.w is not None]
+            affines = [s for s in arch["layers"] if s["kind"] in WEIGHTED]
             for i, s in enumerate(affines):
                 w = share(rt, secfxp, own[i].w if own else None, (s["in"], s["out"]), mp)
                 b = share(rt, secfxp, own[i].b if own else None, (s["out"],), mp)
@@ -422,6 +424,10 @@ def forward(rt: Any, layers: list[dict[str, Any]], weights: list[tuple[Any, Any]
             w, b = weights[k]
             k += 1
             h = h @ w + b
+        elif kind == "conv":
+            w, b = weights[k]
+            k += 1
+            h = _conv(rt, h, w, b, spec)
         elif kind == "relu":
             h = rt.np_maximum(h, 0)
         elif kind == "poly":
@@ -433,6 +439,20 @@ def forward(rt: Any, layers: list[dict[str, Any]], weights: list[tuple[Any, Any]
         else:
             raise MPCError(f"unknown layer kind {kind!r} in the architecture")
     return h
+
+
+def _conv(rt: Any, h: Any, w: Any, b: Any, spec: dict[str, Any]) -> Any:
+    """Conv2d on shares: im2col (a public gather, zero padding appended) times the kernel."""
+    from modelshield.crypto.mpc.model import im2col_index
+
+    idx, pad = im2col_index(spec)
+    n = h.shape[0]
+    if pad:
+        zeros = type(h).sectype.array(np.zeros((n, 1)), integral=False)
+        h = rt.np_concatenate((h, zeros), axis=1)
+    patches = h[:, idx].reshape(n * idx.shape[0], idx.shape[1])
+    out = (patches @ w + b).reshape(n, idx.shape[0], int(spec["out"]))
+    return out.transpose(0, 2, 1).reshape(n, -1)
 
 
 def secure_labels(rt: Any, logits: Any) -> Any:
@@ -464,7 +484,7 @@ def run_local(
         weights = [
             (share(rt, secfxp, la.w, la.w.shape, 0), share(rt, secfxp, la.b, la.b.shape, 0))
             for la in model.layers
-            if la.kind == "affine"
+            if la.w is not None
         ]
         h = forward(rt, arch["layers"], weights, share(rt, secfxp, a, a.shape, 0))
         if reveal == "label":
