@@ -367,3 +367,38 @@ def test_cnn_logits_over_real_processes(files: Files, tmp_path: Path) -> None:
     assert got.shape == (20, 10)
     assert np.abs(got - ref).max() < 64 * 2.0**-16 * max(1.0, float(np.abs(ref).max()))
     assert res["max_abs_error"] < 1e-2 and res["reveal"] == "logits"
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGKILL"])
+def test_stopping_the_launcher_stops_every_party(files: Files, tmp_path: Path, sig: str) -> None:
+    """Ctrl-C, SIGTERM or even SIGKILL of `mpc infer` leaves no party process behind."""
+    import signal
+
+    out = tmp_path / "o"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [*CLI, "mpc", "infer", "--model", str(files.model), "--data", str(files.data),
+           "--batch-size", "1", "--out", str(out)]  # fmt: skip
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_processes_with(str(out))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the launcher and its three parties
+        assert len(_processes_with(str(out))) == 4
+        time.sleep(1.0)
+        launcher.send_signal(getattr(signal, sig))
+        _, err = launcher.communicate(timeout=30)
+        if sig == "SIGINT":
+            assert launcher.returncode == 130, err.decode()
+        elif sig == "SIGTERM":
+            assert launcher.returncode == 2 and "SIGTERM" in err.decode(), err.decode()
+        deadline = time.monotonic() + 10
+        while _processes_with(str(out)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _processes_with(str(out)), "parties outlived the launcher"
+        assert not (out / "result.json").exists()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        for pid in _processes_with(str(out)):
+            os.kill(pid, 9)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def launch(
     for i in range(len(specs)):
         (out / f"party-{i}.json").unlink(missing_ok=True)
     started = time.monotonic()
+    previous = _on_sigterm()
     try:
         for i, spec in enumerate(specs):
             cmd = [
@@ -105,7 +107,12 @@ def launch(
             logs.append(log)
             logger.debug("party %d: %s", i, shlex.join(cmd))
             with open(log, "wb") as fh:
-                procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env))
+                procs.append(
+                    subprocess.Popen(
+                        cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                    )
+                )  # fmt: skip
         while True:
             codes = [p.poll() for p in procs]
             failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
@@ -124,7 +131,32 @@ def launch(
             time.sleep(0.05)
     finally:
         _stop(procs)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return [json.loads((out / f"party-{i}.json").read_text()) for i in range(len(specs))]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the party gets SIGTERM when the launcher dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _on_sigterm() -> Any:
+    """Turn SIGTERM into an error (so the parties are stopped); returns the old handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise MPCError("the launcher was terminated (SIGTERM); the parties were stopped")
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _mtime(p: Path) -> float:
