@@ -12,16 +12,22 @@ from typing import Any
 import click
 
 from modelshield.cli.dp import dp_options
-from modelshield.cli.options import model_options
-
-PROFILE = click.option(
-    "--profile",
-    type=click.Choice(["quick", "standard", "thorough"]),
-    default="quick",
-    show_default=True,
-    help="Cost of the before/after scan probes.",
+from modelshield.cli.options import (
+    adam_lr_option,
+    batch_size_option,
+    data_option,
+    epochs_option,
+    force_key_option,
+    harden_run_options,
+    label_column_option,
+    model_option,
+    model_options,
+    new_key_option,
+    out_option,
+    poison_detector_option,
+    train_data_option,
+    watermark_training_options,
 )
-FRESH = click.option("--fresh", is_flag=True, help="Discard earlier progress in --out.")
 
 
 def _parse(opts: dict[str, Any]) -> dict[str, Any]:
@@ -30,11 +36,13 @@ def _parse(opts: dict[str, Any]) -> dict[str, Any]:
     return _parse_model_opts(opts)
 
 
-def _echo(outcome: Any, extra: list[str] | None = None) -> None:
+def echo_outcome(outcome: Any, *lines: str, rows: bool = True) -> None:
+    """What every ``harden`` command prints: a line per probe, (with ``rows``) the
+    before/after figures, ``lines``, and the reports' paths."""
     from modelshield.cli.main import _echo_results
 
     _echo_results(outcome.results)
-    for line in extra or []:
+    for line in [*(_rows(outcome) if rows else []), *lines]:
         click.echo(line)
     click.echo(f"report: {outcome.reports['html']}")
     click.echo(f"report: {outcome.reports['json']}")
@@ -52,40 +60,19 @@ def _rows(outcome: Any) -> list[str]:
 
 
 @click.command("dp", short_help="Retrain with DP-SGD; before/after report.")
-@click.option(
-    "--model",
-    "model",
-    type=click.Path(dir_okay=False),
-    help="Model whose architecture is retrained privately (omit to train --arch; the "
-    "'before' model is then the same architecture trained without DP).",
+@model_option(
+    "Model whose architecture is retrained privately (omit to train --arch; the "
+    "'before' model is then the same architecture trained without DP)."
 )
-@click.option("--train-data", "train_data", required=True, type=click.Path(), help="Training data.")
-@click.option(
-    "--data",
-    "data",
-    required=True,
-    type=click.Path(),
-    help="Held-out test data: accuracy, and the non-members of the membership probe.",
-)
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-    help="Expected size of a Poisson-sampled batch.",
-)
+@train_data_option()
+@data_option("Held-out test data: accuracy, and the non-members of the membership probe.")
+@epochs_option(10)
+@batch_size_option(64, "Expected size of a Poisson-sampled batch.")
 @click.option("--lr", type=float, help="DP-SGD learning rate (default 0.1).")
 @dp_options
-@PROFILE
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Writes model.pt2, model.pt, ledger.json, result.json, report.html/json; re-running resumes.",
+@harden_run_options(
+    "Writes model.pt2, model.pt, ledger.json, result.json, report.html/json; re-running resumes."
 )
-@FRESH
 @model_options
 def harden_dp_cmd(**opts: Any) -> None:
     """Retrain with DP-SGD (Abadi et al. 2016); write the model, its ledger and a before/after report.
@@ -99,64 +86,21 @@ def harden_dp_cmd(**opts: Any) -> None:
 
     outcome = harden_dp(**_parse(opts))
     s = outcome.summary
-    _echo(
+    echo_outcome(
         outcome,
-        [
-            *_rows(outcome),
-            f"ledger: {s['paths']['ledger']} (epsilon {s['epsilon']:.3f}, delta {s['delta']:g})",
-            f"model: {outcome.model_path}",
-        ],
+        f"ledger: {s['paths']['ledger']} (epsilon {s['epsilon']:.3f}, delta {s['delta']:g})",
+        f"model: {outcome.model_path}",
     )
 
 
 @click.command("watermark", short_help="Embed a trigger-set watermark; before/after report.")
-@click.option(
-    "--model",
-    "model",
-    type=click.Path(dir_okay=False),
-    help="Model to mark by fine-tuning (omit to train --arch from scratch with the mark).",
-)
-@click.option("--train-data", "train_data", required=True, type=click.Path(), help="Training data.")
-@click.option("--data", "data", required=True, type=click.Path(), help="Test data: clean accuracy.")
-@click.option(
-    "--key",
-    "key",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Where to write the NEW secret key (JSON, mode 0600); an existing file is kept unless --force.",
-)
-@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--lr", type=float, default=3e-3, show_default=True, help="Adam learning rate.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option(
-    "--triggers",
-    type=click.IntRange(min=1, max=100_000),
-    default=100,
-    show_default=True,
-    help="Number of trigger inputs in the key.",
-)
-@click.option(
-    "--trigger-kind",
-    type=click.Choice(["noise", "patterns"]),
-    default="noise",
-    show_default=True,
-    help="Trigger inputs: uniform noise, or abstract shapes (image inputs only).",
-)
-@click.option(
-    "--significance",
-    type=float,
-    default=1e-6,
-    show_default=True,
-    help="Verified when the p-value is below this.",
-)
-@click.option("--force", is_flag=True, help="Replace an existing key file (the old key is lost).")
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Writes model.pt2, model.pt, result.json, report.html/json here.",
-)
+@model_option("Model to mark by fine-tuning (omit to train --arch from scratch with the mark).")
+@train_data_option()
+@data_option("Test data: clean accuracy.")
+@new_key_option
+@watermark_training_options("Verified when the p-value is below this.")
+@force_key_option
+@out_option("Writes model.pt2, model.pt, result.json, report.html/json here.")
 @model_options
 def harden_watermark_cmd(**opts: Any) -> None:
     """Embed a trigger-set watermark (Adi et al. 2018); write the marked model and a before/after report.
@@ -170,41 +114,24 @@ def harden_watermark_cmd(**opts: Any) -> None:
 
     outcome = harden_watermark(**_parse(opts))
     s = outcome.summary
-    _echo(
+    echo_outcome(
         outcome,
-        [
-            *_rows(outcome),
-            f"key: {s['paths']['key']} (secret; id {s['key_id']})",
-            f"model: {outcome.model_path}",
-        ],
+        f"key: {s['paths']['key']} (secret; id {s['key_id']})",
+        f"model: {outcome.model_path}",
     )
 
 
 @click.command(
     "poison-removal", short_help="Remove flagged poison and retrain; before/after report."
 )
-@click.option(
-    "--model",
-    "model",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="The model trained on --train-data (its activations feed the detectors; its "
+@model_option(
+    "The model trained on --train-data (its activations feed the detectors; its "
     "architecture is retrained).",
-)
-@click.option(
-    "--train-data",
-    "train_data",
     required=True,
-    type=click.Path(),
-    help="The suspect training data.",
 )
-@click.option("--data", "data", required=True, type=click.Path(), help="Clean test data.")
-@click.option(
-    "--detector",
-    multiple=True,
-    type=click.Choice(["activation-clustering", "spectral", "strip"]),
-    help="Repeatable (default: activation-clustering and spectral); flagged = their union.",
-)
+@train_data_option("The suspect training data.")
+@data_option("Clean test data.")
+@poison_detector_option
 @click.option(
     "--expected-rate",
     type=float,
@@ -216,19 +143,13 @@ def harden_watermark_cmd(**opts: Any) -> None:
     help="A NAME.poison.json record of --train-data: adds the backdoor's attack success rate "
     "before and after, and the detectors' precision and recall.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--label-column", help="CSV label column.")
-@PROFILE
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Writes model.pt2, model.pt, clean.npz, result.json, report.html/json; re-running resumes.",
+@epochs_option(30)
+@adam_lr_option(1e-3)
+@batch_size_option(64)
+@label_column_option
+@harden_run_options(
+    "Writes model.pt2, model.pt, clean.npz, result.json, report.html/json; re-running resumes."
 )
-@FRESH
 @model_options
 def harden_poison_removal_cmd(**opts: Any) -> None:
     """Detect poison in the training data and retrain without it (Tran et al. 2018; Chen et al. 2018).
@@ -248,27 +169,18 @@ def harden_poison_removal_cmd(**opts: Any) -> None:
         )
     outcome = harden_poison_removal(**_parse(opts))
     s = outcome.summary
-    _echo(
+    echo_outcome(
         outcome,
-        [
-            *_rows(outcome),
-            f"removed {len(s['flagged'])} of {s['n']} training samples",
-            f"clean data: {s['paths']['clean']}",
-            f"model: {outcome.model_path}",
-        ],
+        f"removed {len(s['flagged'])} of {s['n']} training samples",
+        f"clean data: {s['paths']['clean']}",
+        f"model: {outcome.model_path}",
     )
 
 
 @click.command("gateway", short_help="Anti-extraction gateway config; before/after report.")
-@click.option(
-    "--model", "model", required=True, type=click.Path(dir_okay=False), help="The model to serve."
-)
-@click.option(
-    "--data",
-    "data",
-    required=True,
-    type=click.Path(),
-    help="Data like the attacker's: half is the extraction probe's query pool, half measures fidelity.",
+@model_option("The model to serve.", required=True)
+@data_option(
+    "Data like the attacker's: half is the extraction probe's query pool, half measures fidelity."
 )
 @click.option(
     "--defense",
@@ -295,15 +207,9 @@ def harden_poison_removal_cmd(**opts: Any) -> None:
     show_default=True,
     help="Largest batch one request may send (written to the config).",
 )
-@PROFILE
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Writes gateway.json (for 'modelshield serve --config'), result.json, report.html/json.",
+@harden_run_options(
+    "Writes gateway.json (for 'modelshield serve --config'), result.json, report.html/json."
 )
-@FRESH
 @model_options
 def harden_gateway_cmd(**opts: Any) -> None:
     """Anti-extraction gateway defences (PRADA, Juuti et al. 2019): write a serve config and a
@@ -318,4 +224,4 @@ def harden_gateway_cmd(**opts: Any) -> None:
     from modelshield.scan.harden.gateway import harden_gateway
 
     outcome = harden_gateway(**_parse(opts))
-    _echo(outcome, [*_rows(outcome), f"gateway config: {outcome.model_path}"])
+    echo_outcome(outcome, f"gateway config: {outcome.model_path}")

@@ -19,6 +19,7 @@ from modelshield import __version__
 from modelshield.cli.dp import audit_dp_cmd, train_cmd
 from modelshield.cli.fl import fl_group
 from modelshield.cli.harden import (
+    echo_outcome,
     harden_dp_cmd,
     harden_gateway_cmd,
     harden_poison_removal_cmd,
@@ -26,7 +27,18 @@ from modelshield.cli.harden import (
 )
 from modelshield.cli.he import he_group
 from modelshield.cli.mpc import mpc_group
-from modelshield.cli.options import endpoint_options, executor_options, model_options
+from modelshield.cli.options import (
+    batch_size_option,
+    data_option,
+    endpoint_options,
+    epochs_option,
+    executor_options,
+    harden_run_options,
+    model_option,
+    model_options,
+    out_option,
+    train_data_option,
+)
 from modelshield.cli.poison import audit_data_cmd, fine_prune_cmd, poison_cmd
 from modelshield.cli.serve import serve_cmd
 from modelshield.cli.steal import steal_cmd
@@ -351,20 +363,9 @@ def harden_group() -> None:
 
 
 @harden_group.command("adversarial")
-@click.option(
-    "--model",
-    "model",
-    type=click.Path(dir_okay=False),
-    help="Model to harden (omit to train --arch from scratch).",
-)
-@click.option("--train-data", "train_data", required=True, type=click.Path(), help="Training data.")
-@click.option(
-    "--data",
-    "data",
-    required=True,
-    type=click.Path(),
-    help="Test data for the before/after evaluation.",
-)
+@model_option("Model to harden (omit to train --arch from scratch).")
+@train_data_option()
+@data_option("Test data for the before/after evaluation.")
 @click.option(
     "--method",
     type=click.Choice(["pgd-at", "trades", "fgsm-rs"]),
@@ -374,7 +375,7 @@ def harden_group() -> None:
 )
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
 @click.option("--eps", type=float, required=True, help="Training and evaluation eps.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@epochs_option(10)
 @click.option(
     "--steps",
     type=click.IntRange(min=1),
@@ -384,33 +385,19 @@ def harden_group() -> None:
 )
 @click.option("--beta", type=float, default=6.0, show_default=True, help="TRADES trade-off.")
 @click.option("--lr", type=float, help="Learning rate (default: the method's).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@batch_size_option(128)
 @click.option("--bf16", is_flag=True, help="bf16 autocast for forward passes.")
-@click.option(
-    "--profile",
-    type=click.Choice(["quick", "standard", "thorough"]),
-    default="quick",
-    show_default=True,
-    help="Cost of the before/after evaluation.",
+@harden_run_options(
+    "Writes model.pt2, report.html, report.json here; re-running resumes.",
+    profile="Cost of the before/after evaluation.",
 )
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Writes model.pt2, report.html, report.json here; re-running resumes.",
-)
-@click.option("--fresh", is_flag=True, help="Discard earlier progress in --out.")
 @model_options
 def harden_adversarial_cmd(**opts: Any) -> None:
     """Adversarially train a model; write it and a before/after report."""
     from modelshield.scan.harden import HardenConfig, harden_adversarial
 
     outcome = harden_adversarial(HardenConfig(**_parse_model_opts(opts)))
-    _echo_results(outcome.results)
-    click.echo(f"model: {outcome.model_path}")
-    click.echo(f"report: {outcome.reports['html']}")
-    click.echo(f"report: {outcome.reports['json']}")
+    echo_outcome(outcome, f"model: {outcome.model_path}", rows=False)
 
 
 @cli.command("certify")
@@ -477,23 +464,9 @@ def audit_group() -> None:
 
 
 @audit_group.command("membership")
-@click.option(
-    "--model", "model", required=True, type=click.Path(dir_okay=False), help="The model to audit."
-)
-@click.option(
-    "--train-data",
-    "train_data",
-    required=True,
-    type=click.Path(),
-    help="Its training data (the members).",
-)
-@click.option(
-    "--data",
-    "data",
-    required=True,
-    type=click.Path(),
-    help="Held-out data from the same distribution (the non-members).",
-)
+@model_option("The model to audit.", required=True)
+@train_data_option("Its training data (the members).")
+@data_option("Held-out data from the same distribution (the non-members).")
 @click.option(
     "--attack",
     type=click.Choice(["loss", "shadow", "lira", "lira-offline", "rmia", "label-only"]),
@@ -521,13 +494,7 @@ def audit_group() -> None:
     help="Members (and as many non-members) audited.",
 )
 @executor_options("reference models train")
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Writes result.json, report.html, report.json; reference models are cached here.",
-)
+@out_option("Writes result.json, report.html, report.json; reference models are cached here.")
 @model_options
 def audit_membership_cmd(**opts: Any) -> None:
     """Membership inference: can an attacker tell training records from others?"""

@@ -6,7 +6,16 @@ from typing import Any
 
 import click
 
-from modelshield.cli.options import model_options
+from modelshield.cli.options import (
+    adam_lr_option,
+    data_option,
+    label_column_option,
+    model_option,
+    model_options,
+    out_option,
+    poison_detector_option,
+    train_data_option,
+)
 
 
 def _unit_interval(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -106,32 +115,15 @@ def poison_cmd(**opts: Any) -> None:
 
 
 @click.command("data")
-@click.option(
-    "--train-data", "train_data", required=True, type=click.Path(), help="The data to audit."
-)
-@click.option(
-    "--model",
-    "model",
-    type=click.Path(dir_okay=False),
-    help="A model trained on it (default: one is trained here to read activations from).",
-)
+@train_data_option("The data to audit.")
+@model_option("A model trained on it (default: one is trained here to read activations from).")
 @click.option(
     "--truth",
     type=click.Path(dir_okay=False),
     help="The poison record (NAME.poison.json) or a JSON list of indices: adds precision and recall.",
 )
-@click.option(
-    "--data",
-    "data",
-    type=click.Path(),
-    help="Clean held-out data (STRIP's overlays and threshold).",
-)
-@click.option(
-    "--detector",
-    multiple=True,
-    type=click.Choice(["activation-clustering", "spectral", "strip"]),
-    help="Repeatable (default: activation-clustering and spectral); flagged = their union.",
-)
+@data_option("Clean held-out data (STRIP's overlays and threshold).", required=False)
+@poison_detector_option
 @click.option(
     "--expected-rate",
     type=float,
@@ -143,14 +135,8 @@ def poison_cmd(**opts: Any) -> None:
     help="Training epochs when no --model is given (default: about 2,000 steps of 64, "
     "between 3 and 30 epochs).",
 )
-@click.option("--label-column", help="CSV label column.")
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Writes result.json, clean.npz (without the flagged samples), report.html/json.",
-)
+@label_column_option
+@out_option("Writes result.json, clean.npz (without the flagged samples), report.html/json.")
 @model_options
 def audit_data_cmd(**opts: Any) -> None:
     """Find poisoned samples in training data (activation clustering, spectral signatures, STRIP).
@@ -175,15 +161,9 @@ def audit_data_cmd(**opts: Any) -> None:
 
 
 @click.command("fine-prune")
-@click.option(
-    "--model", "model", required=True, type=click.Path(dir_okay=False), help="The model to repair."
-)
-@click.option(
-    "--data",
-    "data",
-    required=True,
-    type=click.Path(),
-    help="Clean data the defender trusts (pruning order, fine-tuning; 20% held out for the accuracy check).",
+@model_option("The model to repair.", required=True)
+@data_option(
+    "Clean data the defender trusts (pruning order, fine-tuning; 20% held out for the accuracy check)."
 )
 @click.option(
     "--test-data",
@@ -205,15 +185,9 @@ def audit_data_cmd(**opts: Any) -> None:
     help="Prune while the held-out clean accuracy drops by at most this much.",
 )
 @click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Fine-tuning Adam rate.")
-@click.option("--label-column", help="CSV label column.")
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Writes model.pt2 (and model.pt), result.json, report.html/json.",
-)
+@adam_lr_option(1e-4, "Fine-tuning Adam rate.")
+@label_column_option
+@out_option("Writes model.pt2 (and model.pt), result.json, report.html/json.")
 @model_options
 def fine_prune_cmd(**opts: Any) -> None:
     """Fine-pruning (Liu et al. 2018): remove a backdoor from a trained model with clean data.

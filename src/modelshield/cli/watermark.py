@@ -7,7 +7,16 @@ from typing import Any
 
 import click
 
-from modelshield.cli.options import endpoint_options
+from modelshield.cli.options import (
+    data_option,
+    endpoint_options,
+    force_key_option,
+    model_option,
+    new_key_option,
+    out_option,
+    train_data_option,
+    watermark_training_options,
+)
 
 
 def _parse(opts: dict[str, Any]) -> dict[str, Any]:
@@ -31,59 +40,17 @@ def watermark_group() -> None:
 @watermark_group.command(
     "embed", short_help="Embed a new secret trigger-set watermark into a model."
 )
-@click.option(
-    "--model",
-    "model",
-    type=click.Path(dir_okay=False),
-    help="Model to mark by fine-tuning (omit to train --arch from scratch with the mark).",
-)
-@click.option("--train-data", "train_data", required=True, type=click.Path(), help="Training data.")
-@click.option(
-    "--data", "data", type=click.Path(), help="Test data: clean accuracy before and after."
-)
-@click.option(
-    "--key",
-    "key",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Where to write the NEW secret key (JSON, mode 0600); an existing file is kept unless --force.",
-)
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Writes model.pt2, model.pt, result.json, report.html, report.json here.",
-)
+@model_option("Model to mark by fine-tuning (omit to train --arch from scratch with the mark).")
+@train_data_option()
+@data_option("Test data: clean accuracy before and after.", required=False)
+@new_key_option
+@out_option("Writes model.pt2, model.pt, result.json, report.html, report.json here.")
 @click.option(
     "--arch",
     help="Architecture: for a state_dict --model, or to train from scratch without --model "
     "(mlp, cnn, small_cnn, resnet18 or package.module:factory).",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--lr", type=float, default=3e-3, show_default=True, help="Adam learning rate.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option(
-    "--triggers",
-    type=click.IntRange(min=1, max=100_000),
-    default=100,
-    show_default=True,
-    help="Number of trigger inputs in the key.",
-)
-@click.option(
-    "--trigger-kind",
-    type=click.Choice(["noise", "patterns"]),
-    default="noise",
-    show_default=True,
-    help="Trigger inputs: uniform noise, or abstract shapes (image inputs only).",
-)
-@click.option(
-    "--significance",
-    type=float,
-    default=1e-6,
-    show_default=True,
-    help="Significance of the verification run on the marked model.",
-)
+@watermark_training_options("Significance of the verification run on the marked model.")
 @click.option("--bounds", default="0,1", show_default=True, help="Input value range LOW,HIGH.")
 @click.option(
     "--seed",
@@ -98,7 +65,7 @@ def watermark_group() -> None:
     is_flag=True,
     help="Allow loading a full-pickle model file (this runs code from the file).",
 )
-@click.option("--force", is_flag=True, help="Replace an existing key file (the old key is lost).")
+@force_key_option
 def embed_cmd(**opts: Any) -> None:
     """Embed a new secret trigger-set watermark (Adi et al. 2018) into a model.
 
@@ -128,9 +95,7 @@ def embed_cmd(**opts: Any) -> None:
 @watermark_group.command(
     "verify", short_help="Check a suspect model or API for the watermark of a key."
 )
-@click.option(
-    "--model", "model", type=click.Path(dir_okay=False), help="Suspect model file (as for scan)."
-)
+@model_option("Suspect model file (as for scan).")
 @click.option("--oracle", "oracle", help="Suspect HTTP prediction endpoint instead of a file.")
 @endpoint_options("What the endpoint returns (only the top label is used).")
 @click.option(
@@ -140,13 +105,7 @@ def embed_cmd(**opts: Any) -> None:
     type=click.Path(dir_okay=False),
     help="The secret key written by 'watermark embed'.",
 )
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Writes result.json (p_value, verified), report.html, report.json here.",
-)
+@out_option("Writes result.json (p_value, verified), report.html, report.json here.")
 @click.option(
     "--significance",
     type=float,

@@ -30,15 +30,16 @@ from modelshield.core.io import atomic_open
 from modelshield.core.loading import LoadedModel, check_fits, load_model
 from modelshield.core.results import ProbeResult
 from modelshield.core.seeding import check_seed, seed_everything
-from modelshield.core.train import train_classifier
 from modelshield.defenses.adversarial import AdversarialTrainingConfig, adversarial_train
 from modelshield.scan.context import ScanContext
 from modelshield.scan.harden.common import (
     HardenOutcome,
     check_profile,
     hardening_result,
+    load_given_model,
     load_pair,
     renamed,
+    train_baseline,
     write_report,
 )
 from modelshield.scan.probe.evasion import WhiteBoxEvasionProbe
@@ -85,16 +86,7 @@ def _start_module(
     """The module to harden: the user's model, or a built-in architecture from scratch."""
     shape = tuple(train.x.shape[1:])
     if cfg.model:
-        loaded = load_model(
-            cfg.model,
-            trust_pickle=cfg.trust_pickle,
-            arch=cfg.arch,
-            input_shape=shape,
-            bounds=cfg.bounds,
-            mean=cfg.mean,
-            std=cfg.std,
-            device=device,
-        )
+        loaded = load_given_model(vars(cfg), shape, device)
         if loaded.classifier is None or not isinstance(loaded.classifier.module, nn.Module):
             raise UnsupportedModelError(
                 f"cannot train a {loaded.kind} model; give a torch model (state_dict + --arch, "
@@ -186,15 +178,13 @@ def harden_adversarial(cfg: HardenConfig) -> HardenOutcome:
         )
 
     if loaded is None:  # from scratch: the "before" model is the same recipe without attacks
-        baseline = copy.deepcopy(module)
-        train_classifier(
-            baseline,
-            train.x,
-            train.y,
+        baseline = train_baseline(
+            module,
+            train,
+            device=device,
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
-            device=device,
         )
         before_clf = classifier(baseline)
     else:

@@ -4,12 +4,14 @@ A hardening run measures the model with scan probes, applies one defence, writes
 model (or gateway config), measures it again with the *same* probes, and writes a report
 whose first section is the side-by-side comparison. This module holds the parts that do
 not depend on the defence: the resumable per-side measurement (:class:`Comparison`), the
-comparison section (:func:`hardening_result`), loading the train/test pair, and the
-report.
+comparison section (:func:`hardening_result`), the start of a run (:func:`start`,
+:func:`load_pair`, :func:`load_given_model`), the report and ``result.json``
+(:func:`write_report`, :func:`finish`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,11 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from modelshield import __version__
 from modelshield.core.data import Dataset, load_dataset
 from modelshield.core.errors import DataError, InvalidConfigError
+from modelshield.core.io import atomic_write_json
+from modelshield.core.loading import LoadedModel, load_model
 from modelshield.core.results import ProbeResult
+from modelshield.core.train import train_classifier
 from modelshield.report import build_report, write_reports
+from modelshield.scan.audit import _prepare
 from modelshield.scan.context import PROFILES, ScanContext
 from modelshield.scan.probes import Probe
 from modelshield.scan.rubric import rubric_document
@@ -47,6 +55,31 @@ def check_profile(profile: str) -> str:
     if profile not in PROFILES:
         raise InvalidConfigError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     return profile
+
+
+def start(opts: dict[str, Any], *, profile: bool = True) -> tuple[float, Any]:
+    """Check the seed (and, with ``profile``, ``--profile``), pick the device and seed
+    everything; returns (start time, device)."""
+    started, device = _prepare(opts)
+    if profile:
+        check_profile(opts["profile"])
+    return started, device
+
+
+def load_given_model(
+    opts: dict[str, Any], input_shape: tuple[int, ...], device: Any
+) -> LoadedModel:
+    """``--model``, loaded as the shared model options say."""
+    return load_model(
+        opts["model"],
+        trust_pickle=opts["trust_pickle"],
+        arch=opts.get("arch"),
+        input_shape=input_shape,
+        bounds=opts["bounds"],
+        mean=opts.get("mean"),
+        std=opts.get("std"),
+        device=device,
+    )
 
 
 def load_pair(
@@ -148,6 +181,67 @@ class Comparison:
     def finished(self, name: str, side: str) -> ProbeResult | None:
         return self.run_dir.finished(f"{name}-{side}")
 
+    def report(
+        self,
+        results: list[ProbeResult],
+        *,
+        command: str,
+        started: float,
+        model: dict[str, Any],
+        data: Dataset,
+        train_data: Dataset | None,
+    ) -> dict[str, Path]:
+        """:func:`write_report` into the run directory, with this comparison's seed, device
+        and profile; the target is ``model`` (its file record) and the data sets."""
+        return write_report(
+            self.run_dir.root,
+            results,
+            command=command,
+            seed=self.seed,
+            device=self.device,
+            started=started,
+            profile=self.profile,
+            target={
+                "model": model,
+                "data": data.describe(),
+                "train_data": train_data.describe() if train_data is not None else None,
+            },
+        )
+
+
+def open_run(
+    opts: dict[str, Any],
+    device: torch.device,
+    fingerprint: dict[str, Any],
+    *,
+    profile: str | None = None,
+    fresh: bool | None = None,
+) -> Comparison:
+    """The run directory ``--out`` of a ``harden`` command and its :class:`Comparison`.
+
+    ``fingerprint`` (``command`` first) is what a re-run must match to resume; the
+    modelshield version is added. ``profile`` and ``fresh`` default to ``--profile`` and
+    ``--fresh``."""
+    run_dir = RunDir(
+        opts["out"],
+        {**fingerprint, "modelshield_version": __version__},
+        fresh=opts.get("fresh", False) if fresh is None else fresh,
+    )
+    return Comparison(
+        run_dir,
+        seed=opts["seed"],
+        device=device,
+        profile=opts["profile"] if profile is None else profile,
+    )
+
+
+def train_baseline(module: nn.Module, train: Dataset, *, device: Any, **settings: Any) -> nn.Module:
+    """A copy of ``module`` trained on ``train`` without the defence (``settings``: those
+    of :func:`train_classifier`): the "before" model of a run that trains from scratch."""
+    baseline = copy.deepcopy(module)
+    train_classifier(baseline, train.x, train.y, device=device, **settings)
+    return baseline
+
 
 def _fmt(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else value
@@ -221,3 +315,32 @@ def write_report(
         rubric=rubric_document(),
     )
     return write_reports(report, out)
+
+
+def finish(
+    out: Path,
+    summary: ProbeResult,
+    results: list[ProbeResult],
+    reports: dict[str, Path],
+    *,
+    model_path: Path,
+    paths: dict[str, str],
+    **extra: Any,
+) -> HardenOutcome:
+    """Write ``result.json`` (the summary's details, ``extra``, and ``paths`` with the
+    reports' and its own) and return the outcome. Call it last: the file's presence means
+    the run finished."""
+    result = {
+        **summary.details,
+        **extra,
+        "paths": {
+            **paths,
+            "html": str(reports["html"]),
+            "json": str(reports["json"]),
+            "result": str(out / "result.json"),
+        },
+    }
+    atomic_write_json(out / "result.json", result)
+    return HardenOutcome(
+        out=out, model_path=model_path, reports=reports, results=results, summary=result
+    )

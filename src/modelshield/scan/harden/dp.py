@@ -11,7 +11,6 @@ written model file.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import shutil
@@ -20,30 +19,27 @@ from typing import Any
 
 from torch import nn
 
-from modelshield import __version__
 from modelshield.core.classifier import Classifier, from_torch
 from modelshield.core.errors import InvalidConfigError, UnsupportedModelError
-from modelshield.core.io import atomic_write_json
 from modelshield.core.loading import build_arch, check_fits, load_model
 from modelshield.core.results import ProbeResult
-from modelshield.core.train import train_classifier
 from modelshield.poisoning.audit import fresh_copy
 from modelshield.privacy.dp import _check_budget, plan_noise, plan_steps, train_dp
-from modelshield.scan.audit import _prepare
 from modelshield.scan.context import ScanContext
 from modelshield.scan.dp import _serialize, _write_blobs, dp_config, dp_training_probe_result
 from modelshield.scan.harden.common import (
-    Comparison,
     HardenOutcome,
-    check_profile,
+    finish,
     hardening_result,
+    load_given_model,
     load_pair,
-    write_report,
+    open_run,
+    start,
+    train_baseline,
 )
 from modelshield.scan.probe.dp_claim import DPClaimProbe
 from modelshield.scan.probe.membership import MembershipProbe
 from modelshield.scan.rubric import grade_dp_claim, harden_command
-from modelshield.scan.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +63,7 @@ def _accuracy_result(name: str, clf: Classifier, x: Any, y: Any, seed: int) -> P
 
 def harden_dp(**opts: Any) -> HardenOutcome:
     """Measure, retrain with DP-SGD, save model and ledger, re-load, measure, report."""
-    started, device = _prepare(opts)
-    check_profile(opts["profile"])
+    started, device = start(opts)
     if opts.get("dp") is False:
         raise InvalidConfigError("harden dp always trains with DP-SGD; drop --no-dp")
     cfg = dp_config({**opts, "dp": True})
@@ -78,16 +73,7 @@ def harden_dp(**opts: Any) -> HardenOutcome:
     shape = train.input_shape
     loaded = None
     if opts.get("model"):
-        loaded = load_model(
-            opts["model"],
-            trust_pickle=opts["trust_pickle"],
-            arch=opts.get("arch"),
-            input_shape=shape,
-            bounds=opts["bounds"],
-            mean=opts.get("mean"),
-            std=opts.get("std"),
-            device=device,
-        )
+        loaded = load_given_model(opts, shape, device)
         if loaded.classifier is None or not isinstance(loaded.classifier.module, nn.Module):
             raise UnsupportedModelError(
                 f"cannot retrain a {loaded.kind} model; give a torch model (torch.export, "
@@ -116,8 +102,9 @@ def harden_dp(**opts: Any) -> HardenOutcome:
     if loaded is not None and (Path(opts["model"]).parent / "ledger.json").is_file():
         ledger_before = str(Path(opts["model"]).parent / "ledger.json")
 
-    run_dir = RunDir(
-        opts["out"],
+    cmp = open_run(
+        opts,
+        device,
         {
             "command": "harden dp",
             "model_sha256": loaded.file.sha256 if loaded is not None else None,
@@ -127,16 +114,13 @@ def harden_dp(**opts: Any) -> HardenOutcome:
             "dp": cfg.to_dict(),
             "profile": opts["profile"],
             "seed": opts["seed"],
-            "modelshield_version": __version__,
         },
-        fresh=opts.get("fresh", False),
     )
-    out = run_dir.root
+    out = cmp.run_dir.root
     ckpt = out / "checkpoint.pt"
     if opts.get("fresh"):
         ckpt.unlink(missing_ok=True)
         shutil.rmtree(out / "reference-models", ignore_errors=True)
-    cmp = Comparison(run_dir, seed=opts["seed"], device=device, profile=opts["profile"])
 
     def classifier(m: nn.Module) -> Classifier:
         return from_torch(
@@ -152,15 +136,13 @@ def harden_dp(**opts: Any) -> HardenOutcome:
     if loaded is not None and loaded.classifier is not None:
         before_clf = loaded.classifier
     else:  # the same architecture and epochs, without privacy (as `train` does without --dp)
-        baseline = copy.deepcopy(module)
-        train_classifier(
-            baseline,
-            train.x,
-            train.y,
+        baseline = train_baseline(
+            module,
+            train,
+            device=device,
             epochs=opts["epochs"],
             batch_size=opts["batch_size"],
             seed=opts["seed"],
-            device=device,
         )
         before_clf = classifier(baseline)
 
@@ -218,36 +200,25 @@ def harden_dp(**opts: Any) -> HardenOutcome:
     after = side("after", hardened.classifier, hardened, str(ledger_path))
     summary = _summary(opts, res.ledger, before, after)
     results = [summary, *before, *after]
-    reports = write_report(
-        out,
+    reports = cmp.report(
         results,
         command=opts["command"],
-        seed=opts["seed"],
-        device=device,
         started=started,
-        profile=opts["profile"],
-        target={
-            "model": hardened.file.to_dict(),
-            "data": test.describe(),
-            "train_data": train.describe(),
-        },
+        model=hardened.file.to_dict(),
+        data=test,
+        train_data=train,
     )
-    result = {
-        **summary.details,
-        "ledger": res.ledger.to_dict(),
-        "paths": {
-            **paths,
-            "ledger": str(ledger_path),
-            "html": str(reports["html"]),
-            "json": str(reports["json"]),
-            "result": str(out / "result.json"),
-        },
-    }
-    atomic_write_json(out / "result.json", result)  # last: its presence means the run finished
+    outcome = finish(
+        out,
+        summary,
+        results,
+        reports,
+        model_path=model_path,
+        paths={**paths, "ledger": str(ledger_path)},
+        ledger=res.ledger.to_dict(),
+    )
     ckpt.unlink(missing_ok=True)
-    return HardenOutcome(
-        out=out, model_path=model_path, reports=reports, results=results, summary=result
-    )
+    return outcome
 
 
 def _summary(

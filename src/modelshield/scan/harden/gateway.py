@@ -24,21 +24,21 @@ from modelshield.core.classifier import Classifier
 from modelshield.core.data import load_dataset
 from modelshield.core.errors import InvalidConfigError, OracleError, UnsupportedModelError
 from modelshield.core.io import atomic_write_json
-from modelshield.core.loading import check_fits, load_model
+from modelshield.core.loading import check_fits
 from modelshield.core.oracle import Oracle
 from modelshield.core.results import ProbeResult
 from modelshield.core.threat import QueryAccess
-from modelshield.scan.audit import _prepare
 from modelshield.scan.harden.common import (
     Comparison,
     HardenOutcome,
-    check_profile,
+    finish,
     hardening_result,
-    write_report,
+    load_given_model,
+    open_run,
+    start,
 )
 from modelshield.scan.probe.extraction import MIN_DATA, PROFILE_BUDGETS, ExtractionProbe
 from modelshield.scan.rubric import grade_extraction, harden_command
-from modelshield.scan.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -167,21 +167,11 @@ def harden_gateway(**opts: Any) -> HardenOutcome:
     """Extraction probe against the undefended and the defended gateway; write gateway.json."""
     from modelshield.serve.app import Backend, Gateway
 
-    started, device = _prepare(opts)
-    check_profile(opts["profile"])
+    started, device = start(opts)
     data = load_dataset(opts["data"], bounds=opts["bounds"])
     if len(data) < MIN_DATA:
         raise InvalidConfigError(f"--data has {len(data)} samples; at least {MIN_DATA} needed")
-    loaded = load_model(
-        opts["model"],
-        trust_pickle=opts["trust_pickle"],
-        arch=opts.get("arch"),
-        input_shape=data.input_shape,
-        bounds=opts["bounds"],
-        mean=opts.get("mean"),
-        std=opts.get("std"),
-        device=device,
-    )
+    loaded = load_given_model(opts, data.input_shape, device)
     if loaded.classifier is None:
         raise UnsupportedModelError(
             f"harden gateway measures fidelity against the model's own predictions: it needs a "
@@ -191,8 +181,9 @@ def harden_gateway(**opts: Any) -> HardenOutcome:
     defenses, specs = _defenses(opts, data.input_shape)
     Gateway(Backend(loaded.classifier), defenses, max_batch=opts["max_batch"])  # checks the set
     budget = opts.get("queries") or PROFILE_BUDGETS[opts["profile"]]
-    run_dir = RunDir(
-        opts["out"],
+    cmp = open_run(
+        opts,
+        device,
         {
             "command": "harden gateway",
             "model_sha256": loaded.file.sha256,
@@ -201,12 +192,9 @@ def harden_gateway(**opts: Any) -> HardenOutcome:
             "queries": budget,
             "profile": opts["profile"],
             "seed": opts["seed"],
-            "modelshield_version": __version__,
         },
-        fresh=opts.get("fresh", False),
     )
-    out = run_dir.root
-    cmp = Comparison(run_dir, seed=opts["seed"], device=device, profile=opts["profile"])
+    out = cmp.run_dir.root
     clf = loaded.classifier
 
     def side(name: str, defended: list[Any]) -> ProbeResult:
@@ -238,30 +226,23 @@ def harden_gateway(**opts: Any) -> HardenOutcome:
     )
     summary = _summary(opts, specs, budget, before, after)
     results = [summary, before, after]
-    reports = write_report(
-        out,
+    reports = cmp.report(
         results,
         command=opts["command"],
-        seed=opts["seed"],
-        device=device,
         started=started,
-        profile=opts["profile"],
-        target={"model": loaded.file.to_dict(), "data": data.describe(), "train_data": None},
+        model=loaded.file.to_dict(),
+        data=data,
+        train_data=None,
     )
-    result = {
-        **summary.details,
-        "defenses": specs,
-        "queries": budget,
-        "paths": {
-            "config": str(config_path),
-            "html": str(reports["html"]),
-            "json": str(reports["json"]),
-            "result": str(out / "result.json"),
-        },
-    }
-    atomic_write_json(out / "result.json", result)  # last: its presence means the run finished
-    return HardenOutcome(
-        out=out, model_path=config_path, reports=reports, results=results, summary=result
+    return finish(
+        out,
+        summary,
+        results,
+        reports,
+        model_path=config_path,
+        paths={"config": str(config_path)},
+        defenses=specs,
+        queries=budget,
     )
 
 

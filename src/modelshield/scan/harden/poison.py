@@ -14,30 +14,27 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from modelshield import __version__
 from modelshield.core.classifier import Classifier
 from modelshield.core.errors import UnsupportedModelError
-from modelshield.core.io import atomic_write_json
 from modelshield.core.loading import check_fits, load_model
 from modelshield.core.results import PoisonResult, ProbeResult
 from modelshield.poisoning.audit import audit_training_data
 from modelshield.poisoning.detectors import POISON_DETECTORS
 from modelshield.poisoning.metrics import evaluate_poisoning
 from modelshield.poisoning.removal import retrain_without
-from modelshield.scan.audit import _load, _prepare
 from modelshield.scan.dp import _serialize, _write_blobs
 from modelshield.scan.harden.common import (
-    Comparison,
     HardenOutcome,
-    check_profile,
+    finish,
     hardening_result,
+    load_given_model,
     load_pair,
-    write_report,
+    open_run,
+    start,
 )
 from modelshield.scan.poison import load_poison_record, load_truth
 from modelshield.scan.probe.poisoning import detection_probe_result
 from modelshield.scan.rubric import grade_poison_flagged, harden_command
-from modelshield.scan.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +71,7 @@ def _backdoor(clf: Classifier, test: Any, record: PoisonResult | None, seed: int
 
 def harden_poison_removal(**opts: Any) -> HardenOutcome:
     """Detect, remove, retrain, save, re-load, measure both models, report."""
-    started, device = _prepare(opts)
-    check_profile(opts["profile"])
+    started, device = start(opts)
     detectors = list(opts.get("detector") or ()) or list(DEFAULT_DETECTORS)
     for name in detectors:
         POISON_DETECTORS.get(name)
@@ -84,7 +80,7 @@ def harden_poison_removal(**opts: Any) -> HardenOutcome:
     )
     record = load_poison_record(opts["poison_record"]) if opts.get("poison_record") else None
     truth = load_truth(opts["poison_record"], len(train)) if record is not None else None
-    loaded = _load(opts, train.input_shape, device)
+    loaded = load_given_model(opts, train.input_shape, device)
     if loaded.classifier is None:
         raise UnsupportedModelError(
             f"poison removal reads a model's activations and retrains it: it needs a torch "
@@ -93,8 +89,9 @@ def harden_poison_removal(**opts: Any) -> HardenOutcome:
     check_fits(loaded, train.y, "--train-data")
     check_fits(loaded, test.y, "--data")
     model = loaded.classifier
-    run_dir = RunDir(
-        opts["out"],
+    cmp = open_run(
+        opts,
+        device,
         {
             "command": "harden poison-removal",
             "model_sha256": loaded.file.sha256,
@@ -104,12 +101,9 @@ def harden_poison_removal(**opts: Any) -> HardenOutcome:
             "expected_rate": opts.get("expected_rate"),
             "epochs": opts["epochs"],
             "seed": opts["seed"],
-            "modelshield_version": __version__,
         },
-        fresh=opts.get("fresh", False),
     )
-    out = run_dir.root
-    cmp = Comparison(run_dir, seed=opts["seed"], device=device, profile=opts["profile"])
+    out = cmp.run_dir.root
 
     def detect(clf: Classifier, data: Any, known: list[int] | None, note: str) -> ProbeResult:
         res = audit_training_data(
@@ -171,32 +165,24 @@ def harden_poison_removal(**opts: Any) -> HardenOutcome:
     )
     summary = _summary(opts, len(train), flagged, truth, det_before, det_after, bd_before, bd_after)
     results = [summary, det_before, bd_before, det_after, bd_after]
-    reports = write_report(
-        out,
+    reports = cmp.report(
         results,
         command=opts["command"],
-        seed=opts["seed"],
-        device=device,
         started=started,
-        profile=opts["profile"],
-        target={"model": after_file, "data": test.describe(), "train_data": train.describe()},
+        model=after_file,
+        data=test,
+        train_data=train,
     )
-    result = {
-        **summary.details,
-        "flagged": flagged,
-        "n": len(train),
-        "detectors": detectors,
-        "paths": {
-            **paths,
-            "clean": str(clean_path),
-            "html": str(reports["html"]),
-            "json": str(reports["json"]),
-            "result": str(out / "result.json"),
-        },
-    }
-    atomic_write_json(out / "result.json", result)  # last: its presence means the run finished
-    return HardenOutcome(
-        out=out, model_path=model_path, reports=reports, results=results, summary=result
+    return finish(
+        out,
+        summary,
+        results,
+        reports,
+        model_path=model_path,
+        paths={**paths, "clean": str(clean_path)},
+        flagged=flagged,
+        n=len(train),
+        detectors=detectors,
     )
 
 

@@ -16,25 +16,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from modelshield import __version__
 from modelshield.core.classifier import Classifier, from_torch
-from modelshield.core.io import atomic_write_json
 from modelshield.core.loading import check_fits, load_model
 from modelshield.core.results import ProbeResult
-from modelshield.core.train import train_classifier
-from modelshield.scan.audit import _prepare
 from modelshield.scan.dp import _serialize, _write_blobs
 from modelshield.scan.harden.common import (
-    Comparison,
     HardenOutcome,
+    finish,
     hardening_result,
     load_pair,
-    write_report,
+    open_run,
+    start,
+    train_baseline,
 )
 from modelshield.scan.harden.dp import _accuracy_result
 from modelshield.scan.probe.watermark import verify_with_key
 from modelshield.scan.rubric import harden_command
-from modelshield.scan.rundir import RunDir
 from modelshield.scan.watermark import _check_significance, _start_module
 from modelshield.watermark.embed import embed_and_evaluate
 from modelshield.watermark.key import WatermarkKey, check_key_destination, staged_key_file
@@ -46,7 +43,7 @@ def harden_watermark(**opts: Any) -> HardenOutcome:
     """Verify (expect: absent), embed, save, re-load, verify again (expect: present), report."""
     significance = _check_significance(opts["significance"])
     key_path = check_key_destination(opts["key"], overwrite=opts.get("force", False))
-    started, device = _prepare(opts)
+    started, device = start(opts, profile=False)
     train, test = load_pair(opts["train_data"], opts["data"], opts["bounds"])
     module, loaded = _start_module(opts, train.input_shape, train.num_classes, device)
     num_classes = train.num_classes
@@ -61,13 +58,14 @@ def harden_watermark(**opts: Any) -> HardenOutcome:
         bounds=opts["bounds"],
         kind=opts.get("trigger_kind"),
     )
-    run_dir = RunDir(
-        opts["out"],
-        {"command": "harden watermark", "modelshield_version": __version__},
+    cmp = open_run(
+        opts,
+        device,
+        {"command": "harden watermark"},
+        profile="quick",
         fresh=True,  # a new key every run: earlier measurements are of another key
     )
-    out = run_dir.root
-    cmp = Comparison(run_dir, seed=opts["seed"], device=device, profile="quick")
+    out = cmp.run_dir.root
 
     def clf_of(m: Any) -> Classifier:
         return from_torch(
@@ -82,16 +80,14 @@ def harden_watermark(**opts: Any) -> HardenOutcome:
         before_clf = clf_of(copy.deepcopy(module))  # the embedding fine-tunes ``module``
         before_sha: str | None = loaded.file.sha256
     else:  # from scratch: "before" is the same architecture trained without the mark
-        baseline = copy.deepcopy(module)
-        train_classifier(
-            baseline,
-            train.x,
-            train.y,
+        baseline = train_baseline(
+            module,
+            train,
+            device=device,
             epochs=opts["epochs"],
             lr=opts["lr"],
             batch_size=opts["batch_size"],
             seed=opts["seed"],
-            device=device,
         )
         before_clf, before_sha = clf_of(baseline), None
 
@@ -137,42 +133,26 @@ def harden_watermark(**opts: Any) -> HardenOutcome:
         after = side("after", marked.classifier, marked.file.sha256)
         summary = _summary(opts, key, before, after, from_scratch=loaded is None)
         results = [summary, *before, *after]
-        reports = write_report(
-            out,
+        reports = cmp.report(
             results,
             command=opts["command"],
-            seed=opts["seed"],
-            device=device,
             started=started,
-            profile="quick",
-            target={
-                "model": marked.file.to_dict(),
-                "data": test.describe(),
-                "train_data": train.describe(),
-            },
+            model=marked.file.to_dict(),
+            data=test,
+            train_data=train,
         )
         key_file = commit()
-    result = {
-        **summary.details,
-        "key_id": key.key_id,
-        "model_sha256": sha,
-        "source_model": loaded.file.to_dict() if loaded is not None else None,
-        "embedding": outcome.summary(),
-        "paths": {
-            **paths,
-            "key": str(key_file),
-            "html": str(reports["html"]),
-            "json": str(reports["json"]),
-            "result": str(out / "result.json"),
-        },
-    }
-    atomic_write_json(out / "result.json", result)  # last: its presence means the run finished
-    return HardenOutcome(
-        out=out,
+    return finish(
+        out,
+        summary,
+        results,
+        reports,
         model_path=Path(paths.get("model", paths.get("state_dict", ""))),
-        reports=reports,
-        results=results,
-        summary=result,
+        paths={**paths, "key": str(key_file)},
+        key_id=key.key_id,
+        model_sha256=sha,
+        source_model=loaded.file.to_dict() if loaded is not None else None,
+        embedding=outcome.summary(),
     )
 
 
