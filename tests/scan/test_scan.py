@@ -135,6 +135,36 @@ def test_kill_mid_scan_then_resume(tmp_path: Path, bundle: Bundle) -> None:
     assert all(plan[n[:-5]]["action"] == "reuse" for n in finished)
 
 
+def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(tmp_path: Path, bundle: Bundle) -> None:
+    """SIGINT (Ctrl-C) mid-scan: exit 130 with one line and no traceback, no report
+    written as if complete; the finished probes are reused by the rerun."""
+    out = tmp_path / "scan"
+    args = scan_args(bundle, out, "--profile", "standard")
+    proc = subprocess.Popen(
+        [*CLI, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "probes" / "model-file.json").exists():
+            break
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.fail("scan finished before it could be interrupted; make the fixture slower")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted; re-run the same command to resume" in err
+    assert "Traceback" not in err
+    assert not (out / "report.json").exists() and not (out / "report.html").exists()
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "model-file: finished in an earlier run" in r.stderr
+
+
 def test_other_inputs_refuse_the_same_out(tmp_path: Path, bundle: Bundle) -> None:
     out = tmp_path / "scan"
     assert (

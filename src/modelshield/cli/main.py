@@ -122,8 +122,8 @@ class _Group(click.Group):
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
             _fail(f"{exc.format_message()}{hint}")
-        except click.exceptions.Abort:
-            click.echo("modelshield: aborted", err=True)
+        except click.exceptions.Abort:  # click's form of Ctrl-C
+            click.echo("modelshield: interrupted; re-run the same command to resume", err=True)
             raise SystemExit(130) from None
         except click.ClickException as exc:
             _fail(exc.format_message())
