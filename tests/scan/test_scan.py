@@ -50,6 +50,20 @@ def test_scan_writes_valid_reports(tmp_path: Path, bundle: Bundle) -> None:
     html = (out / "report.html").read_text()
     assert 'id="probe-model-file"' in html and 'id="probe-evasion-whitebox"' in html
     assert str(out / "report.html") in r.stdout
+    # the reproducibility manifest: versions, seed, command, hashes, device
+    env = report["run"]["environment"]
+    import numpy
+    import torch
+
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"][
+        "torch"
+    ].startswith(torch.__version__.split("+")[0])
+    assert env["packages"]["numpy"] == numpy.__version__ and env["python"]
+    assert report["run"]["seed"] == 0 and report["run"]["device"] and report["run"]["command"]
+    assert len(report["target"]["model"]["sha256"]) == 64
+    assert len(report["target"]["data"]["sha256"]) == 64
+    md = (out / "report.md").read_text()
+    assert f"torch {env['packages']['torch']}" in md and "Environment" in html
 
 
 def test_robust_accuracy_is_monotone_and_below_clean(tmp_path: Path, bundle: Bundle) -> None:

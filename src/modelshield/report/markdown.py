@@ -223,6 +223,18 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{_text(run.get('device') or '—')} · created {_text(report.get('created', ''))}",
         )
     )
+    env = run.get("environment")
+    if isinstance(env, Mapping) and env:
+        pkgs = env.get("packages") or {}
+        ident.append(
+            (
+                "Environment",
+                _text(
+                    f"Python {env.get('python', '?')} · {env.get('platform', '?')} · "
+                    + ", ".join(f"{k} {v}" for k, v in pkgs.items())
+                ),
+            )
+        )
     out += ["| | |", "| --- | --- |"]
     out += [f"| {k} | {v.replace('|', chr(92) + '|')} |" for k, v in ident]
     out.append("")

@@ -107,15 +107,50 @@ class RunDir:
         return data
 
 
+ENV_PACKAGES = (
+    "modelshield",
+    "torch",
+    "numpy",
+    "scipy",
+    "onnxruntime",
+    "opacus",
+    "flwr",
+    "tenseal",
+    "mpyc",
+)
+"""Packages whose versions the report records (those installed)."""
+
+
+def environment() -> dict[str, Any]:
+    """Python, platform and the versions of the packages a result depends on."""
+    import platform
+    from importlib import metadata
+
+    packages: dict[str, str] = {}
+    for name in ENV_PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "machine": platform.machine(),
+        "packages": packages,
+    }
+
+
 def run_record(
     command: str, seed: int, device: Any, started: float, **extra: Any
 ) -> dict[str, Any]:
-    """The report's ``run`` block: id, command, seed, device, start and finish times (UTC)."""
+    """The report's ``run`` block: id, command, seed, device, the package versions and
+    platform (the reproducibility manifest), start and finish times (UTC)."""
     return {
         "id": uuid.uuid4().hex[:12],
         "command": command,
         "seed": seed,
         "device": str(device),
+        "environment": environment(),
         **extra,
         "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "finished": datetime.now(timezone.utc).isoformat(),
