@@ -443,7 +443,7 @@ def run_infer(**opts: Any) -> dict[str, Any]:
     server = opts["server"].rstrip("/")
     ctx, pub, meta = read_keys(opts["keys"])
     info = json.loads(_http("GET", f"{server}/v1/plan")[0])
-    from modelshield.crypto.he.plan import Affine
+    from modelshield.crypto.layers import Affine
 
     plan_meta = info["plan"]
     if list(meta["params"]["coeff_mod_bit_sizes"]) != list(info["params"]["coeff_mod_bit_sizes"]):

@@ -31,7 +31,8 @@ import numpy as np
 
 from modelshield.core.errors import DataError, InvalidConfigError
 from modelshield.crypto.he.params import CKKSParams
-from modelshield.crypto.he.plan import Affine, Plan
+from modelshield.crypto.he.plan import Plan
+from modelshield.crypto.layers import Affine
 
 logger = logging.getLogger(__name__)
 

@@ -220,7 +220,7 @@ def compile_model(
     random inputs (relative error ≤ ``tolerance``) before it is returned.
     """
     from modelshield.core.loading import _ExportedModule
-    from modelshield.crypto.he.plan import _steps
+    from modelshield.crypto.layers import read_steps
 
     shape = tuple(int(s) for s in input_shape)
     g = torch.Generator().manual_seed(seed)
@@ -233,7 +233,7 @@ def compile_model(
     )
     example = probe[:2] if batch is None else probe[:1].expand(batch, *shape).clone()
     try:
-        steps = _steps(module, example)
+        steps = read_steps(module, example)
     except UnsupportedModelError as exc:  # the HE reader's wording, for this engine
         raise UnsupportedModelError(
             str(exc).replace("in encrypted inference", "in MPC inference")
@@ -276,14 +276,14 @@ def compile_model(
 def _layers(steps: list[Any], shape: tuple[int, ...], *, convolutions: bool) -> list[Layer]:
     """Group the steps into layers: linear runs become conv (+ folded per-channel affine
     maps such as BatchNorm) and/or one dense affine map; activations stay."""
-    from modelshield.crypto.he.plan import _affine_of, _Step, _to_double
+    from modelshield.crypto.layers import Step, dense_affine, to_double
 
     layers: list[Layer] = []
     run: list[Any] = []
     cur: tuple[int, ...] = shape
 
     def double(steps: list[Any]) -> list[Any]:
-        return [_Step(s.kind, s.name, _to_double(s.fn)) for s in steps]
+        return [Step(s.kind, s.name, to_double(s.fn)) for s in steps]
 
     def flush() -> None:
         nonlocal cur, run
@@ -296,7 +296,7 @@ def _layers(steps: list[Any], shape: tuple[int, ...], *, convolutions: bool) -> 
                 rest = rest[1:]
             layers.append(conv)
         if rest:
-            aff, cur = _affine_of(double(rest), cur)
+            aff, cur = dense_affine(double(rest), cur)
             d = aff.w.shape[1]
             if not (aff.w.shape[0] == d and np.array_equal(aff.w, np.eye(d)) and not aff.b.any()):
                 layers.append(Layer("affine", np.ascontiguousarray(aff.w.T), aff.b))
@@ -349,16 +349,16 @@ def _conv_layer(params: dict[str, Any], in_shape: tuple[int, ...]) -> tuple[Laye
 
 def _fold_channel_affine(conv: Layer, steps: list[Any], shape: tuple[int, ...]) -> bool:
     """Fold a per-channel affine step (BatchNorm in eval mode, dropout) into ``conv``."""
-    from modelshield.crypto.he.plan import _run_steps
+    from modelshield.crypto.layers import run_steps
 
     c = shape[0]
     g = torch.Generator().manual_seed(1)
     x = torch.randn((2, *shape), generator=g, dtype=torch.float64)
     try:
         with torch.no_grad():
-            zero = _run_steps(steps, torch.zeros((1, *shape), dtype=torch.float64))
-            one = _run_steps(steps, torch.ones((1, *shape), dtype=torch.float64))
-            y = _run_steps(steps, x)
+            zero = run_steps(steps, torch.zeros((1, *shape), dtype=torch.float64))
+            one = run_steps(steps, torch.ones((1, *shape), dtype=torch.float64))
+            y = run_steps(steps, x)
     except Exception:
         return False
     if tuple(y.shape) != tuple(x.shape):
