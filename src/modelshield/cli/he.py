@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from modelshield.cli.options import prep_bounds
+
 
 def _load_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
@@ -38,16 +40,7 @@ def _load_opts(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _prep(opts: dict[str, Any]) -> dict[str, Any]:
-    from modelshield.cli.main import _floats
-
-    b = _floats(opts.get("bounds"), "--bounds", 2) or [0.0, 1.0]
-    opts["bounds"] = (b[0], b[1])
-    import shlex
-    import sys
-
-    opts["command"] = "modelshield " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    return opts
+_prep = prep_bounds
 
 
 _MODE = click.option(

@@ -7,7 +7,6 @@ Every user error ends as one line on stderr and exit code 2, never a traceback;
 from __future__ import annotations
 
 import logging
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from modelshield.cli.he import he_group
 from modelshield.cli.mpc import mpc_group
 from modelshield.cli.options import (
     batch_size_option,
+    command_line,
     data_option,
     endpoint_options,
     epochs_option,
@@ -88,7 +88,7 @@ def _parse_model_opts(opts: dict[str, Any]) -> dict[str, Any]:
     opts["bounds"] = (bounds[0], bounds[1])
     opts["mean"] = _floats(opts["mean"], "--mean")
     opts["std"] = _floats(opts["std"], "--std")
-    opts["command"] = "modelshield " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    opts["command"] = command_line()
     return opts
 
 

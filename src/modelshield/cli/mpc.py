@@ -6,17 +6,9 @@ from typing import Any
 
 import click
 
+from modelshield.cli.options import prep_bounds
 
-def _prep(opts: dict[str, Any]) -> dict[str, Any]:
-    import shlex
-    import sys
-
-    from modelshield.cli.main import _floats
-
-    b = _floats(opts.get("bounds"), "--bounds", 2) or [0.0, 1.0]
-    opts["bounds"] = (b[0], b[1])
-    opts["command"] = "modelshield " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    return opts
+_prep = prep_bounds
 
 
 _FRAC = click.option(

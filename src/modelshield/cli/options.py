@@ -10,6 +10,24 @@ import click
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
+def command_line() -> str:
+    """The command as typed (``modelshield …``, shell-quoted), for reports and results."""
+    import shlex
+    import sys
+
+    return "modelshield " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def prep_bounds(opts: dict[str, Any]) -> dict[str, Any]:
+    """Parse ``--bounds LOW,HIGH`` in place and add the command line (he / mpc commands)."""
+    from modelshield.cli.main import _floats
+
+    b = _floats(opts.get("bounds"), "--bounds", 2) or [0.0, 1.0]
+    opts["bounds"] = (b[0], b[1])
+    opts["command"] = command_line()
+    return opts
+
+
 def _stack(*options: Decorator) -> Decorator:
     """Apply ``options`` so that they show in ``--help`` in the order given."""
 

@@ -65,6 +65,16 @@ _PROBE_KEYS = (
 # ----------------------------------------------------------------------------- schema
 
 
+def environment_text(env: Any) -> str | None:
+    """One line for the report header: Python, platform and package versions (or None)."""
+    if not isinstance(env, Mapping) or not env:
+        return None
+    pkgs = env.get("packages") or {}
+    return f"Python {env.get('python', '?')} · {env.get('platform', '?')} · " + ", ".join(
+        f"{k} {v}" for k, v in pkgs.items()
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def _schema_text() -> str:
     res = importlib.resources.files("modelshield.report").joinpath("schema/report.schema.json")

@@ -15,6 +15,7 @@ from typing import Any
 from modelshield.report.build import (
     GRADES,
     SCHEMA_VERSION,
+    environment_text,
     format_figure,
     format_number,
     is_tensor_record,
@@ -371,18 +372,9 @@ def _header(report: Mapping[str, Any]) -> str:
             f" · device {_e(run.get('device') or '—')} · {_e(when)}",
         )
     )
-    env = run.get("environment")
-    if isinstance(env, Mapping) and env:
-        pkgs = env.get("packages") or {}
-        rows.append(
-            (
-                "Environment",
-                _e(
-                    f"Python {env.get('python', '?')} · {env.get('platform', '?')} · "
-                    + ", ".join(f"{k} {v}" for k, v in pkgs.items())
-                ),
-            )
-        )
+    env = environment_text(run.get("environment"))
+    if env:
+        rows.append(("Environment", _e(env)))
     est = run.get("estimate")
     if isinstance(est, Mapping) and est.get("total_seconds") is not None:
         bound = "at most " if est.get("bound") == "upper" else ""

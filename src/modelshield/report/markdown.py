@@ -14,6 +14,7 @@ from typing import Any
 from modelshield.report.build import (
     GRADES,
     SCHEMA_VERSION,
+    environment_text,
     format_figure,
     format_number,
     is_tensor_record,
@@ -223,18 +224,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{_text(run.get('device') or '—')} · created {_text(report.get('created', ''))}",
         )
     )
-    env = run.get("environment")
-    if isinstance(env, Mapping) and env:
-        pkgs = env.get("packages") or {}
-        ident.append(
-            (
-                "Environment",
-                _text(
-                    f"Python {env.get('python', '?')} · {env.get('platform', '?')} · "
-                    + ", ".join(f"{k} {v}" for k, v in pkgs.items())
-                ),
-            )
-        )
+    env = environment_text(run.get("environment"))
+    if env:
+        ident.append(("Environment", _text(env)))
     out += ["| | |", "| --- | --- |"]
     out += [f"| {k} | {v.replace('|', chr(92) + '|')} |" for k, v in ident]
     out.append("")

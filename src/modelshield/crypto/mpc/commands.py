@@ -181,7 +181,9 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def _command() -> str:
-    return "modelshield " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    from modelshield.cli.options import command_line
+
+    return command_line()
 
 
 def _bytes(records: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
