@@ -89,6 +89,8 @@ def test_eval_encrypted_matches_plaintext(files: Files, tmp_path: Path) -> None:
     assert abs(res["plaintext_accuracy"] - res["encrypted_accuracy"]) <= 0.05  # ReLU → quadratic
     assert res["latency_seconds_per_sample"] > 0 and res["throughput_samples_per_second"] > 0
     assert any("quadratic fitted" in n for n in res["notes"])
+    assert "evaluated samples themselves" in res["calibration"]  # all 200 evaluated
+    assert isinstance(res["warnings"], list)
     report = json.loads((out / "report.json").read_text())
     validate_report(report)
     assert report["probes"][0]["probe"] == "he-eval" and (out / "report.html").is_file()
@@ -191,3 +193,25 @@ def test_finetune_writes_a_compilable_he_friendly_model(files: Files, tmp_path: 
     r = run_cli("he", "finetune", "--model", str(files.model), "--train-data", str(files.data),
                 "--epochs", "-1", "--out", str(tmp_path / "bad"))  # fmt: skip
     assert r.returncode == 2 and not (tmp_path / "bad" / "result.json").exists()
+
+
+def test_eval_fits_activations_on_samples_it_does_not_evaluate(
+    files: Files, tmp_path: Path
+) -> None:
+    out = tmp_path / "ev"
+    r = run_cli("he", "eval", "--model", str(files.model), "--data", str(files.data),
+                "--limit", "100", "--latency-samples", "0", "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "result.json").read_text())
+    assert res["n"] == 100 and "after the first 100 (not evaluated)" in res["calibration"]
+    assert "activations fitted on the 100 --data samples after the first 100" in r.stdout
+    cal = tmp_path / "cal.npz"
+    load_dataset(str(files.data)).subset(range(150, 200)).to_npz(cal)
+    r = run_cli("he", "eval", "--model", str(files.model), "--data", str(files.data),
+                "--calibration-data", str(cal), "--limit", "20", "--latency-samples", "0",
+                "--out", str(tmp_path / "ev2"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "ev2" / "result.json").read_text())
+    assert (
+        res["calibration"].startswith("--calibration-data") and "50 samples" in res["calibration"]
+    )

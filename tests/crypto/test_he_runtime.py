@@ -225,3 +225,17 @@ def test_static_batch_export_is_compiled_through_its_rebatching_wrapper() -> Non
     ref = compile_model(net, (1, 3, 3), x)
     np.testing.assert_allclose(plan.forward(x), ref.forward(x), atol=1e-9)
     assert plan.activations[0]["kind"] == "relu"
+
+
+def test_a_constant_beyond_the_ckks_range_is_a_clear_error() -> None:
+    """SEAL's 'encoded value is too large' becomes a one-line DataError naming the range."""
+    from modelshield.crypto.layers import Affine
+
+    w = np.eye(4)
+    plan = Plan(
+        input_shape=(4,),
+        layers=[Affine(w, np.zeros(4)), "square", Affine(w, np.full(4, 1e30))],
+        max_abs=[1.0, 1.0, 1.0, 1.0],
+    )
+    with pytest.raises(DataError, match="left the range the CKKS parameters were chosen for"):
+        _encrypted(plan, torch.rand(3, 4), ("throughput",))

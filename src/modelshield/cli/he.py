@@ -184,6 +184,13 @@ def infer_cmd(**opts: Any) -> None:
 @he_group.command("eval")
 @_load_opts
 @click.option("--data", "data", required=True, type=click.Path(), help="Test data with labels.")
+@click.option(
+    "--calibration-data",
+    "calibration_data",
+    type=click.Path(),
+    help="Inputs to fit ReLU/sigmoid stand-ins on (default: the --data samples beyond "
+    "--limit, else --data itself).",
+)
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False))
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N samples.")
 @click.option(
@@ -210,4 +217,8 @@ def eval_cmd(**opts: Any) -> None:
         click.echo(f"throughput: {r['throughput_samples_per_second']:.1f} samples/s")
     for note in r["notes"]:
         click.echo(f"note: {note}")
+    if any(a.get("fit") for a in r["plan"]["activations"]):
+        click.echo(f"note: activations fitted on {r['calibration']}")
+    for warning in r.get("warnings", []):
+        click.echo(f"WARNING: {warning}")
     click.echo(f"result: {opts['out']}/result.json")

@@ -492,8 +492,12 @@ def _build(
     x = calib.reshape(calib.shape[0], -1).numpy()
     max_abs = [float(np.abs(x).max())]
     for layer in layers:
-        x = x @ layer.w.T + layer.b if isinstance(layer, Affine) else x * x
-        max_abs.append(float(np.abs(x).max()))
+        if isinstance(layer, Affine):  # the bias is encoded at this level too
+            x = x @ layer.w.T + layer.b
+            max_abs.append(max(float(np.abs(x).max()), float(np.abs(layer.b).max())))
+        else:
+            x = x * x
+            max_abs.append(float(np.abs(x).max()))
     return Plan(
         input_shape=shape,
         layers=layers,
@@ -672,18 +676,26 @@ def refine_activations(
     logger.debug("activation refinement: held-out agreement %.4f -> %.4f", base, refined)
     if refined < base:
         return None
+    # the refined coefficients, with the square's shift kept within SHIFT_BOUND of the
+    # pre-activations each unit sees (on the whole calibration set, refined path)
     out_seq: list[Affine | _Poly] = []
     k = 0
-    for item in seq:
-        if isinstance(item, Affine):
-            out_seq.append(item)
-            continue
-        c0, c1, c2 = (c.detach().numpy() for c in coeffs(k, deltas[k]))
-        k += 1
-        big = np.maximum(np.abs(c1 / np.where(c2 == 0, 1, 2 * c2)), 1.0)
-        if not np.all(np.isfinite([c0, c1, c2])):
-            return None
-        out_seq.append(_Poly(c0, c1, c2 if np.all(c2 != 0) else _bound_a2(c1, c2, big)))
+    with torch.no_grad():
+        h = xt
+        for item in seq:
+            if isinstance(item, Affine):
+                out_seq.append(item)
+                h = ops[id(item)](h)
+                continue
+            c0, c1, c2 = (c.detach() for c in coeffs(k, deltas[k]))
+            k += 1
+            big = h.abs().amax(dim=0).numpy() + 1e-6
+            a0, a1, a2 = (c.numpy().copy() for c in (c0, c1, c2))
+            if not all(np.all(np.isfinite(a)) for a in (a0, a1, a2)):
+                return None
+            poly = _Poly(a0, a1, _bound_a2(a1, a2, big))
+            out_seq.append(poly)
+            h = torch.from_numpy(poly(h.numpy()))
     return out_seq
 
 

@@ -202,20 +202,29 @@ def evaluate(
 ) -> tuple[list[bytes], EvalStats]:
     """Run ``plan`` on encrypted inputs with a public context; returns encrypted outputs."""
     t0 = time.perf_counter()
-    if mode == "latency":
-        if not ctx.has_galois_keys():
-            raise InvalidConfigError("the latency packing needs Galois keys in the context")
-        engine = _latency_engine(ctx, plan)
-        out = [_ct_bytes(engine.run(_ct_load(ctx, b))) for b in blobs]
-    elif mode == "throughput":
-        if len(blobs) != plan.input_dim:
-            raise DataError(
-                f"a throughput request holds one ciphertext per input feature: want "
-                f"{plan.input_dim}, got {len(blobs)}"
-            )
-        out = _eval_throughput(ctx, plan, [_ct_load(ctx, b) for b in blobs])
-    else:
+    if mode not in MODES:
         raise InvalidConfigError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "latency" and not ctx.has_galois_keys():
+        raise InvalidConfigError("the latency packing needs Galois keys in the context")
+    if mode == "throughput" and len(blobs) != plan.input_dim:
+        raise DataError(
+            f"a throughput request holds one ciphertext per input feature: want "
+            f"{plan.input_dim}, got {len(blobs)}"
+        )
+    try:
+        if mode == "latency":
+            engine = _latency_engine(ctx, plan)
+            out = [_ct_bytes(engine.run(_ct_load(ctx, b))) for b in blobs]
+        else:
+            out = _eval_throughput(ctx, plan, [_ct_load(ctx, b) for b in blobs])
+    except ValueError as exc:  # SEAL: "encoded value is too large", scale out of bounds
+        if "too large" not in str(exc) and "scale" not in str(exc):
+            raise
+        raise DataError(
+            f"a value left the range the CKKS parameters were chosen for ({exc}; the plan "
+            f"expects |values| up to {max(plan.max_abs):.3g}, from its calibration data): "
+            "compile on calibration data like these inputs, or check their scale (--bounds)"
+        ) from exc
     return out, EvalStats(time.perf_counter() - t0, mode, len(blobs), len(out))
 
 
