@@ -44,11 +44,11 @@ _HINTS = {
 }
 
 
-def refuse(index: int, name: str, engine: str = "encrypted inference") -> UnsupportedModelError:
+def refuse(index: int, name: str) -> UnsupportedModelError:
     """The error for an unsupported layer: its index, its name and what would help."""
     hint = next((h for k, h in _HINTS.items() if k in name.lower()), None)
     hint = hint or f"supported layers are {SUPPORTED}"
-    return UnsupportedModelError(f"layer {index} ({name}) is not supported in {engine}: {hint}")
+    return UnsupportedModelError(f"layer {index} ({name}) is not supported: {hint}")
 
 
 @dataclass
@@ -346,11 +346,21 @@ def _aten_call(
     return fn
 
 
-def read_steps(module: nn.Module, example: Tensor) -> list[Step]:
+def read_steps(module: nn.Module, inputs: Tensor) -> list[Step]:
+    """``module`` as steps, traced on (a batch of) ``inputs`` shaped as the model wants:
+    a program exported with a static batch size is read on exactly that many rows."""
     from modelshield.core.loading import _ExportedModule
 
+    batch = None
     if isinstance(module, _ExportedModule):
+        batch = int(module.batch_size) if module.batch_size else None
         module = module.program
+    if batch is None:
+        example = inputs[:2]
+    elif len(inputs) >= batch:
+        example = inputs[:batch]
+    else:
+        example = inputs[:1].expand(batch, *inputs.shape[1:]).clone()
     if isinstance(module, torch.fx.GraphModule):
         return _graph_steps(module, example)
     if isinstance(module, torch.jit.ScriptModule):
@@ -365,6 +375,16 @@ def read_steps(module: nn.Module, example: Tensor) -> list[Step]:
             "give an nn.Sequential, a TorchScript Sequential or a torch.export .pt2 file"
         ) from exc
     return _graph_steps(ep.module(), example)  # type: ignore[arg-type]
+
+
+def trim_outputs(steps: list[Step]) -> tuple[list[Step], str]:
+    """Strip a trailing output map (sigmoid / softmax / ReLU: monotone or argmax-neutral,
+    applied after decryption or not at all); returns the steps and the map's name."""
+    output = "identity"
+    if steps and steps[-1].kind in ("sigmoid", "softmax", "relu"):
+        output = steps[-1].kind
+        steps = steps[:-1]
+    return steps, output
 
 
 def run_steps(steps: Sequence[Step], x: Tensor) -> Tensor:

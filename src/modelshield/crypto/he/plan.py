@@ -41,6 +41,7 @@ from modelshield.crypto.layers import (
     refuse,
     run_steps,
     to_double,
+    trim_outputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -340,19 +341,8 @@ def compile_model(
         raise DataError(
             f"calibration inputs have shape {tuple(calibration.shape[1:])}; want {shape}"
         )
-    from modelshield.core.loading import _ExportedModule
-
     module.eval()
-    batch: int | None = None
-    if isinstance(module, _ExportedModule) and module.batch_size:
-        batch = int(module.batch_size)
-    if batch is None:
-        example = calibration[:2]
-    elif len(calibration) >= batch:
-        example = calibration[:batch]
-    else:
-        example = calibration[:1].expand(batch, *shape).clone()
-    steps = read_steps(module, example)
+    steps = read_steps(module, calibration)
     with torch.no_grad():
         ref = module(calibration).double()
         seq = run_steps(steps, calibration).double()
@@ -368,7 +358,7 @@ def compile_model(
         Step(s.kind, s.name, to_double(s.fn), s.coeffs) if s.kind == "linear" else s for s in steps
     ]
     calib64 = calibration.double()
-    if not any(st.kind in ("relu", "sigmoid") for st in _trim_outputs(steps64)[0]):
+    if not any(st.kind in ("relu", "sigmoid") for st in trim_outputs(steps64)[0]):
         return _build(steps64, shape, calib64, source or {})
     # ReLU / sigmoid are approximated: build the candidate fits, keep the one whose plan
     # agrees best with the model on the calibration inputs (then the smaller logit error)
@@ -376,8 +366,9 @@ def compile_model(
     best: tuple[tuple[float, float], Plan] | None = None
     tried: dict[str, float] = {}
     candidates = tuple(fits or FIT_CANDIDATES)
+    maps: dict[int, tuple[Affine, tuple[int, ...]]] = {}
     for fit in candidates:
-        plan = _build(list(steps64), shape, calib64, source or {}, fit)
+        plan = _build(list(steps64), shape, calib64, source or {}, fit, maps=maps)
         out = plan.forward(calib64.reshape(calib64.shape[0], -1).numpy())
         agree = float((predict_labels(plan, out) == predict_labels(plan, ref_np)).mean())
         mse = float(np.mean((out - ref_np) ** 2))
@@ -389,7 +380,7 @@ def compile_model(
     plan, agreement = best[1], best[0][0]
     if refine:
         chosen = next(f for f in candidates if f[0] == fit_kind)
-        tuned = _build(list(steps64), shape, calib64, source or {}, chosen, ref_np)
+        tuned = _build(list(steps64), shape, calib64, source or {}, chosen, ref_np, maps)
         out = tuned.forward(calib64.reshape(calib64.shape[0], -1).numpy())
         tuned_agreement = float(
             (predict_labels(tuned, out) == predict_labels(tuned, ref_np)).mean()
@@ -425,15 +416,6 @@ FIDELITY_WARN = 0.995
 calibration inputs than this."""
 
 
-def _trim_outputs(steps: list[Step]) -> tuple[list[Step], str]:
-    """Strip trailing output maps (sigmoid / softmax / ReLU), applied after decryption."""
-    output = "identity"
-    while steps and steps[-1].kind in ("sigmoid", "softmax", "relu") and output == "identity":
-        output = {"sigmoid": "sigmoid", "softmax": "softmax", "relu": "relu"}[steps[-1].kind]
-        steps = steps[:-1]
-    return steps, output
-
-
 @dataclass
 class _Poly:
     """A degree-2 activation per unit (``a0 + a1 z + a2 z²``, each of shape (units,))."""
@@ -453,11 +435,13 @@ def _build(
     source: dict[str, Any],
     fit: tuple[str, float] = ("unit", 0.1),
     target: np.ndarray | None = None,
+    maps: dict[int, tuple[Affine, tuple[int, ...]]] | None = None,
 ) -> Plan:
     """Collapse ``steps`` into a plan; ``fit`` = (``"unit"`` | ``"layer"``, grid weight)
     says how ReLU / sigmoid quadratics are fitted: one per neuron or one per layer. With
-    ``target`` (the model's outputs on ``calib``) the fits are then refined end to end."""
-    steps, output = _trim_outputs(steps)
+    ``target`` (the model's outputs on ``calib``) the fits are then refined end to end.
+    ``maps`` caches the dense affine maps between builds of the same steps."""
+    steps, output = trim_outputs(steps)
     if any(s.kind == "softmax" for s in steps):
         i = next(i for i, s in enumerate(steps) if s.kind == "softmax")
         raise refuse(i, f"{steps[i].name}: softmax is only allowed as the last layer")
@@ -474,7 +458,7 @@ def _build(
             groups.append([s])
     if not groups or groups[-1][0].kind != "linear":
         raise UnsupportedModelError("the model has no linear layer to end with")
-    seq, acts, notes, ops = _fit_sequence(groups, shape, calib, fit)
+    seq, acts, notes, ops = _fit_sequence(groups, shape, calib, fit, {} if maps is None else maps)
     if target is not None and any(a.get("fit") for a in acts):
         refined = refine_activations(
             seq, calib.reshape(calib.shape[0], -1).numpy(), target, ops=ops
@@ -510,7 +494,11 @@ def _build(
 
 
 def _fit_sequence(
-    groups: list[list[Step]], shape: tuple[int, ...], calib: Tensor, fit: tuple[str, float]
+    groups: list[list[Step]],
+    shape: tuple[int, ...],
+    calib: Tensor,
+    fit: tuple[str, float],
+    maps: dict[int, tuple[Affine, tuple[int, ...]]],
 ) -> tuple[
     list[Affine | _Poly], list[dict[str, Any]], list[str], dict[int, Callable[[Tensor], Tensor]]
 ]:
@@ -530,10 +518,12 @@ def _fit_sequence(
     cur_shape = shape
     h = calib.reshape(calib.shape[0], -1).numpy()
     h_exact = h
-    for g in groups:
+    for gi, g in enumerate(groups):
         if g[0].kind == "linear":
             in_shape = cur_shape
-            aff, cur_shape = dense_affine(g, cur_shape)
+            if gi not in maps:  # the same for every fit: collapse each run once
+                maps[gi] = dense_affine(g, cur_shape)
+            aff, cur_shape = maps[gi]
             # the layers themselves, for cheap evaluation (refinement): no dense matrix
             ops[id(aff)] = lambda t, g=g, sh=in_shape: run_steps(g, t.reshape(-1, *sh)).reshape(  # type: ignore[misc]
                 t.shape[0], -1

@@ -290,7 +290,9 @@ def share(
 ) -> Any:
     """Secret-share ``value`` (held by party ``sender``) as a fixed-point array."""
     if rt.pid == sender:
-        assert value is not None and tuple(value.shape) == tuple(shape)
+        if value is None or tuple(value.shape) != tuple(shape):
+            got = None if value is None else tuple(value.shape)
+            raise MPCError(f"party {sender} must share an array of shape {tuple(shape)}, got {got}")
         a = secfxp.array(np.asarray(value, dtype=np.float64), integral=False)
     else:
         a = secfxp.array(np.zeros(shape), integral=False)
@@ -335,7 +337,8 @@ def infer_program(
         with tr.during("meta"):
             mine: dict[str, Any] = {"role": role}
             if role == "data":
-                assert x is not None
+                if x is None:
+                    raise MPCError("the data party has no inputs to share")
                 mine["n"], mine["input_dim"] = int(x.shape[0]), int(x.shape[1])
                 mine.update(frac_bits=frac_bits, int_bits=int_bits, batch_size=batch_size)
                 mine["reveal"] = reveal

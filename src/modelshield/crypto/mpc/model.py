@@ -54,11 +54,17 @@ class Layer:
     coeffs: tuple[float, float, float] | None = None
     conv: dict[str, list[int]] | None = None
 
+    def weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """(w, b) of an affine or conv layer; a layer without them is malformed."""
+        if self.w is None or self.b is None:
+            raise UnsupportedModelError(f"a {self.kind} layer without weights and bias")
+        return self.w, self.b
+
     def spec(self) -> dict[str, Any]:
         """The public description of this layer (kind and shape, or the polynomial)."""
         if self.kind in ("affine", "conv"):
-            assert self.w is not None
-            d = {"kind": self.kind, "in": int(self.w.shape[0]), "out": int(self.w.shape[1])}
+            w, _ = self.weights()
+            d = {"kind": self.kind, "in": int(w.shape[0]), "out": int(w.shape[1])}
             return {**d, **(self.conv or {})}
         if self.kind == "poly":
             # the activation's form is part of the architecture (like "ReLU"), not a weight
@@ -123,14 +129,16 @@ class MPCModel:
             raise DataError(f"inputs have {h.shape[1]} features; the model takes {self.input_dim}")
         for la in self.layers:
             if la.kind == "affine":
-                assert la.w is not None and la.b is not None
-                h = h @ la.w + la.b
+                w, b = la.weights()
+                h = h @ w + b
             elif la.kind == "conv":
-                assert la.w is not None and la.b is not None and la.conv is not None
+                w, b = la.weights()
+                if la.conv is None:
+                    raise UnsupportedModelError("a conv layer without its geometry")
                 idx, pad = im2col_index(la.conv)
                 n = len(h)
                 hp = np.concatenate([h, np.zeros((n, 1))], axis=1) if pad else h
-                cols = hp[:, idx].reshape(n * idx.shape[0], -1) @ la.w + la.b
+                cols = hp[:, idx].reshape(n * idx.shape[0], -1) @ w + b
                 h = cols.reshape(n, idx.shape[0], -1).transpose(0, 2, 1).reshape(n, -1)
             elif la.kind == "relu":
                 h = np.maximum(h, 0.0)
@@ -219,29 +227,13 @@ def compile_model(
     The layer list, evaluated in float64, is checked against the module's own outputs on
     random inputs (relative error ≤ ``tolerance``) before it is returned.
     """
-    from modelshield.core.loading import _ExportedModule
-    from modelshield.crypto.layers import read_steps
+    from modelshield.crypto.layers import read_steps, trim_outputs
 
     shape = tuple(int(s) for s in input_shape)
     g = torch.Generator().manual_seed(seed)
     probe = torch.rand((64, *shape), generator=g)
     module.eval()
-    batch = (
-        int(module.batch_size)
-        if isinstance(module, _ExportedModule) and module.batch_size
-        else None
-    )
-    example = probe[:2] if batch is None else probe[:1].expand(batch, *shape).clone()
-    try:
-        steps = read_steps(module, example)
-    except UnsupportedModelError as exc:  # the HE reader's wording, for this engine
-        raise UnsupportedModelError(
-            str(exc).replace("in encrypted inference", "in MPC inference")
-        ) from exc
-    output = "identity"
-    while steps and steps[-1].kind in ("sigmoid", "softmax", "relu") and output == "identity":
-        output = steps[-1].kind
-        steps = steps[:-1]
+    steps, output = trim_outputs(read_steps(module, probe))
     if output != "identity":
         notes = [f"trailing {output} dropped: it does not change the argmax"]
     else:
@@ -368,10 +360,10 @@ def _fold_channel_affine(conv: Layer, steps: list[Any], shape: tuple[int, ...]) 
     tol = 1e-6 * max(1.0, float(y.abs().max()))  # float32 steps (TorchScript) are exact to ~1e-7
     if not torch.allclose(y, x * a.view(1, c, 1, 1) + b.view(1, c, 1, 1), atol=tol, rtol=1e-6):
         return False
-    assert conv.w is not None and conv.b is not None
+    w, bias = conv.weights()
     av, bv = a.numpy(), b.numpy()
-    conv.w = conv.w * av.reshape(1, c)
-    conv.b = conv.b * av + bv
+    conv.w = w * av.reshape(1, c)
+    conv.b = bias * av + bv
     return True
 
 

@@ -102,11 +102,9 @@ def run_party(
     started = time.time()
     if task == "infer":
         mpc_model = x = None
-        if role == "data":
-            assert data is not None
+        if role == "data" and data:  # checked above: a data party has --data
             _, x, labels = _read_data(data, bounds, limit)
-        if role == "model":
-            assert model is not None
+        if role == "model" and model:  # and a model party --model
             from modelshield.crypto.mpc.model import load_mpc_model
 
             mpc_model, _ = load_mpc_model(model, input_shape, arch=arch, trust_pickle=trust_pickle)
@@ -132,8 +130,7 @@ def run_party(
         from modelshield.crypto.mpc.train import train_program
 
         xy = None
-        if role == "data":
-            assert data is not None
+        if role == "data" and data:  # checked above: a data party has --data
             _, xs, labels = _read_data(data, bounds, limit)
             xy = (xs, labels)
         program = train_program(

@@ -87,7 +87,8 @@ def train_program(
         with tr.during("meta"):
             mine: dict[str, Any] = {"role": role, "hyper": hyper}
             if role == "data":
-                assert xy is not None
+                if xy is None:
+                    raise MPCError("a data party has no training shard to share")
                 labels = set(np.unique(xy[1]).tolist())
                 if not labels <= {0, 1}:
                     raise InvalidConfigError(
