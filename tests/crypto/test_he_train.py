@@ -85,8 +85,7 @@ def test_finetuned_export_graph_compiles_its_polynomials_exactly(tmp_path: objec
     nodes; the compiler reads them back (per unit) and the plan equals the model."""
     from pathlib import Path
 
-    from modelshield.core.loading import load_model
-    from modelshield.scan.harden.adversarial import _export
+    from modelshield.core.loading import load_model, save_exported
 
     digits = load_dataset("digits")
     train, test = digits.subset(range(1200)), digits.subset(range(1200, 1797))
@@ -96,7 +95,7 @@ def test_finetuned_export_graph_compiles_its_polynomials_exactly(tmp_path: objec
     loaded = load_model(_save(prog, Path(str(tmp_path)) / "m.pt2"), input_shape=(1, 8, 8))
     he_net, rep = make_he_friendly(loaded.obj, train, test, epochs=1, seed=0)
     assert len(rep["replaced"]) == 3  # the graph's three aten.relu calls
-    _export(he_net, test.x[:2], Path(str(tmp_path)) / "ft.pt2")
+    save_exported(he_net, test.x[:2], Path(str(tmp_path)) / "ft.pt2")
     ft = load_model(str(Path(str(tmp_path)) / "ft.pt2"), input_shape=(1, 8, 8)).obj
     plan = compile_model(ft, (1, 8, 8), test.x[:64])
     assert [a["kind"] for a in plan.activations] == ["poly"] * 3

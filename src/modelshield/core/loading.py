@@ -37,7 +37,7 @@ from modelshield.core.errors import (
     UnsafeModelFileError,
     UnsupportedModelError,
 )
-from modelshield.core.io import sha256_file
+from modelshield.core.io import atomic_open, sha256_file
 from modelshield.core.oracle import Oracle
 from modelshield.core.pickle_scan import LEGACY_TORCH_MAGIC, ZIP_MAGIC, PickleReport, inspect_pickle
 from modelshield.core.threat import QueryAccess
@@ -722,3 +722,24 @@ def check_fits(model: LoadedModel, labels: torch.Tensor, flag: str = "--data") -
             f"{flag} has labels up to {int(labels.max())} but the model predicts "
             f"{num_classes} classes (0..{num_classes - 1})"
         )
+
+
+def save_exported(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Write ``module`` (a trained or hardened model) as a torch.export program with a
+    dynamic batch dimension, atomically; a model torch.export cannot trace is refused."""
+    module.eval()
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    try:
+        try:
+            program = torch.export.export(module, (example[:2],), dynamic_shapes=({0: batch},))
+        except Exception:  # e.g. a re-exported graph keeps its own batch range: infer it
+            program = torch.export.export(
+                module, (example[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},)
+            )
+    except Exception as exc:  # torch's own error, in one line
+        raise UnsupportedModelError(
+            f"the hardened model could not be exported with torch.export: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    with atomic_open(path, "wb") as fh:
+        torch.export.save(program, fh)

@@ -147,8 +147,8 @@ def run_finetune(**opts: Any) -> dict[str, Any]:
     The result reports the accuracy of the original model, of the plain swap and of the
     fine-tuned model on ``--data`` (else the training data), so the cost is measured.
     """
+    from modelshield.core.loading import save_exported
     from modelshield.crypto.he.train import make_he_friendly
-    from modelshield.scan.harden.adversarial import _export
 
     started = time.time()
     train = load_dataset(
@@ -185,7 +185,7 @@ def run_finetune(**opts: Any) -> dict[str, Any]:
     )
     out = Path(opts["out"])
     out.mkdir(parents=True, exist_ok=True)
-    _export(model, train.x[:2].float(), out / "model.pt2")
+    save_exported(model, train.x[:2].float(), out / "model.pt2")
     result = {
         **report,
         "model": str(out / "model.pt2"),

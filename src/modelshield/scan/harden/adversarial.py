@@ -14,7 +14,6 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from modelshield.core.data import Dataset
 from modelshield.core.device import select_device
 from modelshield.core.errors import InvalidConfigError, UnsupportedModelError
 from modelshield.core.io import atomic_open
-from modelshield.core.loading import LoadedModel, check_fits, load_model
+from modelshield.core.loading import LoadedModel, check_fits, load_model, save_exported
 from modelshield.core.results import ProbeResult
 from modelshield.core.seeding import check_seed, seed_everything
 from modelshield.defenses.adversarial import AdversarialTrainingConfig, adversarial_train
@@ -100,26 +99,6 @@ def _start_module(
             "to train from scratch"
         )
     return build(cfg.arch, shape, train.num_classes).to(device), None
-
-
-def _export(module: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Write ``module`` as a torch.export program with a dynamic batch dimension."""
-    module.eval()
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    try:
-        try:
-            program = torch.export.export(module, (example[:2],), dynamic_shapes=({0: batch},))
-        except Exception:  # e.g. a re-exported graph keeps its own batch range: infer it
-            program = torch.export.export(
-                module, (example[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},)
-            )
-    except Exception as exc:  # torch's own error, in one line
-        raise UnsupportedModelError(
-            f"the hardened model could not be exported with torch.export: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from exc
-    with atomic_open(path, "wb") as fh:
-        torch.export.save(program, fh)
 
 
 def harden_adversarial(cfg: HardenConfig) -> HardenOutcome:
@@ -217,7 +196,7 @@ def harden_adversarial(cfg: HardenConfig) -> HardenOutcome:
         module, train.x, train.y, at_cfg, checkpoint_dir=out / "checkpoints", device=device
     )
     model_path = out / "model.pt2"
-    _export(module, train.x.to(device), model_path)
+    save_exported(module, train.x.to(device), model_path)
     with atomic_open(out / "model.state_dict.pt", "wb") as fh:
         torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, fh)
     hardened = load_model(
