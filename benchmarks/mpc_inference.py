@@ -86,6 +86,7 @@ def mpc_run(model: Path, data: Path, out: Path, **kw: Any) -> dict[str, Any]:
     r = run_infer(model=str(model), data=str(data), out=str(out), parties=3, **kw)
     lat = r["latency"]
     row = {
+        "engine": r["engine"],
         "n": r["n"],
         "int_bits": r["int_bits"],
         "batch_size": lat["batch_size"],
@@ -153,6 +154,9 @@ def main() -> None:
     ap.add_argument("--latency-n", type=int, default=5, help="samples timed at batch 1")
     ap.add_argument("--no-mnist", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument(
+        "--engines", default="ring,mpyc", help="engines to run, comma-separated (ring, mpyc)"
+    )
     ap.add_argument("--frac-bits", type=int, default=16, help="fixed point of the main runs")
     ap.add_argument("--int-bits", type=int, default=16, help="integer bits of the main runs")
     ap.add_argument(
@@ -171,8 +175,12 @@ def main() -> None:
         "machine": machine(torch.device("cpu")),
         "command": "scripts/loopback.sh .venv/bin/python benchmarks/mpc_inference.py "
         + " ".join(sys.argv[1:]),
-        "engine": "MPyC (Shamir, 3 parties, threshold 1, passive security), SecFxp("
-        f"{args.frac_bits + args.int_bits}, {args.frac_bits})",
+        "engines": {
+            "ring": "modelshield ring engine (replicated sharing over Z_2^64, 3 parties, "
+            f"passive security), {args.frac_bits} fractional bits",
+            "mpyc": "MPyC (Shamir, 3 parties, threshold 1, passive security), SecFxp("
+            f"{args.frac_bits + args.int_bits}, {args.frac_bits})",
+        },
         "models": {},
     }
     try:
@@ -181,10 +189,11 @@ def main() -> None:
         results["machine"]["gmpy2"] = gmpy2.version()
     except ImportError:
         results["machine"]["gmpy2"] = None
-    require_mpyc()  # MPyC reads sys.argv when first imported: this import hides ours
-    import mpyc
+    if "mpyc" in args.engines.split(",") or args.low_bits_only:
+        require_mpyc()  # MPyC reads sys.argv when first imported: this import hides ours
+        import mpyc
 
-    results["machine"]["mpyc"] = mpyc.__version__
+        results["machine"]["mpyc"] = mpyc.__version__
 
     if args.low_bits_only:
         digits = load_dataset("digits")
@@ -212,24 +221,29 @@ def main() -> None:
             model = export(net, te.x[:2], d / f"{name}.pt2")
             te.subset(range(n_eval)).to_npz(d / f"{name}.npz")
             entry: dict[str, Any] = {"architecture": sizes, "train_steps": steps}
-            fx = {"frac_bits": args.frac_bits, "int_bits": args.int_bits}
-            entry["batch_100"] = mpc_run(
-                model, d / f"{name}.npz", d / f"{name}-b100", batch_size=100, **fx
-            )
-            entry["batch_1"] = mpc_run(
-                model, d / f"{name}.npz", d / f"{name}-b1", batch_size=1, limit=args.latency_n, **fx
-            )
+            data = d / f"{name}.npz"
+            for engine in args.engines.split(","):
+                fx = {"frac_bits": args.frac_bits, "int_bits": args.int_bits, "engine": engine}
+                rows: dict[str, Any] = {}
+                rows["batch_100"] = mpc_run(
+                    model, data, d / f"{name}-{engine}-b100", batch_size=100, **fx
+                )
+                rows["batch_1"] = mpc_run(
+                    model, data, d / f"{name}-{engine}-b1", batch_size=1, limit=args.latency_n, **fx
+                )
+                if name.startswith("digits") and not args.no_sweep:
+                    rows["frac_bits_sweep"] = [
+                        mpc_run(
+                            model, data, d / f"{name}-{engine}-f{f}", batch_size=100,
+                            frac_bits=f, int_bits=args.int_bits, engine=engine,
+                        )
+                        for f in (8, 12, 20)
+                    ] + [rows["batch_100"]]  # fmt: skip
+                entry[engine] = rows
             entry["plaintext_seconds_per_batch"] = {
                 "1": plaintext_latency(net, te.x, 1),
                 "100": plaintext_latency(net, te.x, 100),
             }
-            if name.startswith("digits") and not args.no_sweep:
-                entry["frac_bits_sweep"] = [
-                    mpc_run(
-                        model, d / f"{name}.npz", d / f"{name}-f{f}", batch_size=100, frac_bits=f
-                    )
-                    for f in (8, 12, 20)
-                ] + [entry["batch_100"]]
             results["models"][name] = entry
     results["peer"] = "CrypTen: benchmarks/mpc_crypten_peer.py (results/mpc_crypten_peer.json)"
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from modelshield.crypto.mpc.engine import load_transcript, require_mpyc
 from modelshield.crypto.mpc.model import compile_model
 from tests.cli.test_cli import assert_one_line_error
 from tests.conftest import CLI, run_cli
+from tests.crypto.mpc_helpers import leaks, train_mlp
 
 pytestmark = pytest.mark.network
 require_mpyc()  # the transcripts are pickles of MPyC field arrays
@@ -45,33 +46,18 @@ class Files:
     result: dict
 
 
-def _train_mlp(seed: int = 0) -> tuple[nn.Module, object]:
-    digits = load_dataset("digits")
-    train, test = digits.subset(range(1437)), digits.subset(range(1437, 1797))
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    opt = torch.optim.Adam(net.parameters(), 1e-2)
-    for _ in range(400):
-        idx = torch.randint(0, len(train), (64,))
-        loss = nn.functional.cross_entropy(net(train.x[idx]), train.y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval(), test
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     """A 64-32-10 ReLU MLP on digits (.pt2), the 360 held-out digits, and one 3-party run."""
     d = tmp_path_factory.mktemp("mpc")
-    net, test = _train_mlp()
+    net, test = train_mlp()
     test.to_npz(d / "test.npz")  # type: ignore[attr-defined]
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     prog = torch.export.export(net, (test.x[:2],), dynamic_shapes=({0: batch},))  # type: ignore[attr-defined]
     torch.export.save(prog, d / "model.pt2")
     run = d / "run"
     r = run_cli("mpc", "infer", "--model", str(d / "model.pt2"), "--data", str(d / "test.npz"),
-                "--parties", "3", "--out", str(run), "--transcripts")  # fmt: skip
+                "--parties", "3", "--engine", "mpyc", "--out", str(run), "--transcripts")  # fmt: skip
     assert r.returncode == 0, r.stderr
     result = json.loads((run / "result.json").read_text())
     return Files(d, d / "model.pt2", d / "test.npz", net, run, result)
@@ -86,49 +72,12 @@ def test_infer_agrees_with_plaintext(files: Files) -> None:
     assert r["plaintext_accuracy"] > 0.85  # a trained model, so agreement is not trivial
     assert set(r["bytes_sent"]) == {"0", "1", "2"} and min(r["bytes_sent"].values()) > 0
     assert r["latency"]["seconds_per_batch"] > 0 and r["latency"]["batches"] == 4
-    assert "honest majority" in r["security"]
+    assert "honest majority" in r["security"] and r["engine"] == "mpyc"
     # each party is its own process with its own record; only the data owner got outputs
     parties = [json.loads((files.run / f"party-{i}.json").read_text()) for i in range(3)]
     assert [p["pid"] for p in parties] == [0, 1, 2]
     assert sorted(p.name for p in files.run.glob("party-*-outputs.npz")) == ["party-1-outputs.npz"]
     assert "accuracy" in parties[1] and "accuracy" not in parties[0]
-
-
-def _leaks(payloads: list[bytes], secrets: list[np.ndarray], frac_bits: int) -> list[str]:
-    """Encodings of ``secrets`` found in ``payloads``: float64/32 (both byte orders) and
-    fixed-point int64/32, as runs of consecutive values (as a raw array carries them) and,
-    for high-entropy float64 values, one by one (as a pickled list of floats carries them)."""
-    pats: dict[bytes, list[tuple[bytes, int, str]]] = {}
-
-    def add(full: bytes, label: str) -> None:
-        j = max(range(len(full) - 7), key=lambda i: 8 - full[i : i + 8].count(0))
-        if full[j : j + 8].count(0) <= 4:  # a key of mostly zeros says nothing about a secret
-            pats.setdefault(full[j : j + 8], []).append((full, j, label))
-
-    for k, a in enumerate(secrets):
-        a = np.asarray(a, dtype=np.float64).reshape(-1)
-        fixed = np.rint(a * 2**frac_bits)
-        for dtype, vals in (
-            ("<f8", a), (">f8", a), ("<f4", a), (">f4", a), ("<i8", fixed), ("<i4", fixed),
-        ):  # fmt: skip
-            flat = np.ascontiguousarray(vals, dtype=dtype)
-            width = 4 if flat.itemsize == 4 else 3
-            step = max(1, (len(flat) - width) // 20)  # a sample of positions keeps it fast
-            for i in range(0, len(flat) - width + 1, step):
-                add(flat[i : i + width].tobytes(), f"secret {k} as {dtype}")
-                if dtype.endswith("f8"):
-                    add(flat[i : i + 1].tobytes(), f"secret {k} as single {dtype} values")
-    keys = np.frombuffer(b"".join(pats), dtype="<u8")
-    blob = b"".join(payloads)
-    found: set[str] = set()
-    for off in range(8):
-        view = np.frombuffer(blob, dtype="<u8", offset=off, count=(len(blob) - off) // 8)
-        for h in np.nonzero(np.isin(view, keys))[0][:10000]:
-            pos = off + 8 * int(h)
-            for full, j, label in pats[blob[pos : pos + 8]]:
-                if blob[pos - j : pos - j + len(full)] == full:
-                    found.add(label)
-    return sorted(found)
 
 
 def test_no_plaintext_input_or_weight_is_sent(files: Files) -> None:
@@ -142,8 +91,8 @@ def test_no_plaintext_input_or_weight_is_sent(files: Files) -> None:
     payloads = {i: load_transcript(files.run / f"party-{i}-transcript.bin") for i in range(3)}
     assert all(len(t) > 10 for t in payloads.values())
     for i, msgs in payloads.items():
-        leaks = _leaks([m[2] for m in msgs], secrets, 16)
-        assert not leaks, f"party {i} sent {leaks}"
+        found = leaks([m[2] for m in msgs], secrets, 16)
+        assert not found, f"party {i} sent {found}"
     # the shares of the input are not its fixed-point encoding either (elementwise)
     sent = [pickle.loads(b) for ph, peer, b in payloads[1] if ph == "input:x" and peer == 2]
     p = int(json.loads((files.run / "party-1.json").read_text())["field_modulus"])
@@ -152,10 +101,10 @@ def test_no_plaintext_input_or_weight_is_sent(files: Files) -> None:
     assert len(got) == enc.size and np.mean(got == enc) < 0.01
     # and the check itself can fail: a raw float32 weight array in a message is found
     w0 = torch_w[0]
-    assert _leaks([b"\x00header" + w0.astype("<f4").tobytes()], [w0], 16)
-    assert _leaks([pickle.dumps([float(v) for v in w0[0]])], [w0], 16)
+    assert leaks([b"\x00header" + w0.astype("<f4").tobytes()], [w0], 16)
+    assert leaks([pickle.dumps([float(v) for v in w0[0]])], [w0], 16)
     # (float64 digits k/16 are mostly zero bytes: the elementwise check above covers them)
-    assert _leaks([b"\x01" + x.astype("<f4").tobytes()], [x], 16)
+    assert leaks([b"\x01" + x.astype("<f4").tobytes()], [x], 16)
 
 
 def _ks_two_sample(a: np.ndarray, b: np.ndarray) -> float:
@@ -181,7 +130,7 @@ def test_shares_do_not_depend_on_the_input(files: Files, tmp_path: Path) -> None
     inv.to_npz(tmp_path / "b.npz")
     run_b = tmp_path / "run_b"
     r = run_cli("mpc", "infer", "--model", str(files.model), "--data", str(tmp_path / "b.npz"),
-                "--out", str(run_b), "--transcripts")  # fmt: skip
+                "--engine", "mpyc", "--out", str(run_b), "--transcripts")  # fmt: skip
     assert r.returncode == 0, r.stderr
     ua, p = _received_shares(files.run)
     ub, _ = _received_shares(run_b)
@@ -338,7 +287,7 @@ def test_joint_training_matches_pooled_plaintext(tmp_path: Path) -> None:
         with np.load(pth) as z:
             xk = z["x"]
         msgs = load_transcript(out / f"party-{k}-transcript.bin")
-        assert not _leaks([m[2] for m in msgs], [xk], 16)
+        assert not leaks([m[2] for m in msgs], [xk], 16)
 
 
 def test_cnn_logits_over_real_processes(files: Files, tmp_path: Path) -> None:

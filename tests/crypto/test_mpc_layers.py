@@ -19,60 +19,15 @@ if importlib.util.find_spec("mpyc") is None:  # not importorskip: MPyC parses sy
     pytest.skip("MPyC is not installed", allow_module_level=True)
 
 from modelshield.core.errors import UnsupportedModelError
-from modelshield.crypto.he.train import PolyAct
 from modelshield.crypto.mpc.engine import run_local
 from modelshield.crypto.mpc.model import compile_model, load_mpc_model
-
-
-class Square(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * x
-
-
-def _fixed_point_bound(model_out: np.ndarray, frac_bits: int, terms: int) -> float:
-    """Error budget: a few ulps (2^-f) per accumulated product, scaled by the output range."""
-    return terms * 2.0**-frac_bits * max(1.0, float(np.abs(model_out).max()))
-
-
-LAYERS = {
-    "linear": (lambda: nn.Sequential(nn.Linear(12, 5)), (12,)),
-    "conv2d": (
-        lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Flatten()),
-        (2, 6, 6),
-    ),
-    "avgpool": (
-        lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 3)),
-        (1, 6, 6),
-    ),
-    "batchnorm": (
-        lambda: nn.Sequential(
-            nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 4)
-        ),
-        (1, 6, 6),
-    ),
-    "relu": (lambda: nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4)), (10,)),
-    "square": (lambda: nn.Sequential(nn.Linear(10, 8), Square(), nn.Linear(8, 3)), (10,)),
-    "polyact": (lambda: nn.Sequential(nn.Linear(10, 8), PolyAct(), nn.Linear(8, 3)), (10,)),
-}
-
-
-def _net(name: str, seed: int) -> tuple[nn.Module, tuple[int, ...]]:
-    factory, shape = LAYERS[name]
-    torch.manual_seed(seed)
-    net = factory()
-    for m in net.modules():  # non-trivial BatchNorm statistics
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-    return net.eval(), shape
+from tests.crypto.mpc_helpers import LAYERS, fixed_point_bound, make_net
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_matches_plaintext(name: str) -> None:
     seed = int(np.random.SeedSequence().entropy % 2**31)  # fresh inputs each run
-    net, shape = _net(name, seed)
+    net, shape = make_net(name, seed)
     x = torch.rand((16, *shape), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         ref = net(x).double().reshape(16, -1).numpy()
@@ -80,13 +35,13 @@ def test_layer_matches_plaintext(name: str) -> None:
     out = run_local(model, x.double().reshape(16, -1).numpy(), frac_bits=16)
     err = float(np.abs(out - ref).max())
     fan_in = max(la.w.shape[0] for la in model.layers if la.w is not None)
-    bound = _fixed_point_bound(ref, 16, fan_in)
+    bound = fixed_point_bound(ref, 16, fan_in)
     assert err <= bound, f"{name}: |MPC - plaintext| = {err:.2e} > {bound:.2e} (seed {seed})"
 
 
 def test_argmax_and_threshold_labels() -> None:
     seed = int(np.random.SeedSequence().entropy % 2**31)
-    net, shape = _net("relu", seed)
+    net, shape = make_net("relu", seed)
     x = np.random.default_rng(seed).random((40, 10))
     model = compile_model(net, shape)
     ref = model.forward(x)
@@ -105,7 +60,7 @@ def test_argmax_and_threshold_labels() -> None:
 
 
 def test_more_fractional_bits_less_error() -> None:
-    net, shape = _net("relu", 0)
+    net, shape = make_net("relu", 0)
     x = np.random.default_rng(1).random((32, 10))
     model = compile_model(net, shape)
     ref = model.forward(x)
@@ -186,7 +141,7 @@ def test_training_program_matches_plaintext_gd(kind: str) -> None:
     assert np.abs(w).max() > 0.05  # it did learn something the comparison can miss
 
 
-def _conv_net() -> nn.Module:
+def _convmake_net() -> nn.Module:
     torch.manual_seed(3)
     net = nn.Sequential(
         nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.BatchNorm2d(3), nn.ReLU(),
@@ -202,7 +157,7 @@ def _conv_net() -> nn.Module:
 @pytest.mark.parametrize("fmt", ["module", "torchscript", "export"])
 def test_convolutions_are_im2col_with_batchnorm_folded(fmt: str, tmp_path: Path) -> None:
     """Only the kernels are shared (no unrolled matrix); padding, stride, dilation, BN."""
-    net = _conv_net()
+    net = _convmake_net()
     x = torch.rand((6, 2, 7, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = net(x).double().numpy()

@@ -33,6 +33,14 @@ _TIMEOUT = click.option(
     show_default=True,
     help="Fail (rather than wait) when the run takes longer than this many seconds.",
 )
+_ENGINE = click.option(
+    "--engine",
+    type=click.Choice(["auto", "ring", "mpyc"]),
+    default="auto",
+    show_default=True,
+    help="ring: 3-party replicated sharing over Z_2^64 (fast); mpyc: Shamir (MPyC), any "
+    "number of parties; auto: ring for 3-party inference, else mpyc. All parties must agree.",
+)
 _TRANSCRIPT = click.option(
     "--transcripts",
     "transcripts",
@@ -84,6 +92,7 @@ def mpc_group() -> None:
 @click.option(
     "--transcript", is_flag=True, help="Write every message sent to OUT/party-I-transcript.bin."
 )
+@_ENGINE
 @_TIMEOUT
 def party_cmd(**opts: Any) -> None:
     """Run one party of an MPC computation (one process; can be on its own host)."""
@@ -115,6 +124,7 @@ def party_cmd(**opts: Any) -> None:
 @_BOUNDS
 @_FRAC
 @_INT
+@_ENGINE
 @_TRANSCRIPT
 @_TIMEOUT
 def infer_cmd(**opts: Any) -> None:

@@ -32,11 +32,18 @@ from modelshield.crypto.mpc.engine import (
     DEFAULT_INT_BITS,
     MPCError,
     require_mpyc,
+    resolve_engine,
 )
 
 logger = logging.getLogger(__name__)
 
 MIN_PARTIES = 3
+SECURITY = {
+    "mpyc": "Shamir secret sharing (MPyC), threshold {t} of {m}: passive (semi-honest) "
+    "adversary, honest majority",
+    "ring": "replicated secret sharing over Z_2^64 (ABY3-style, modelshield ring engine), "
+    "3 parties, any 1 corrupted: passive (semi-honest) adversary, honest majority",
+}
 """Shamir with threshold ``(m-1)//2`` hides inputs from one party only when ``m ≥ 3``."""
 
 
@@ -199,7 +206,6 @@ def _bytes(records: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, dic
 
 def run_infer(**opts: Any) -> dict[str, Any]:
     """``mpc infer``: secret-shared inference with ``parties`` local processes."""
-    require_mpyc()
     import torch
 
     from modelshield.core.data import load_dataset
@@ -211,6 +217,15 @@ def run_infer(**opts: Any) -> dict[str, Any]:
             f"--parties must be ≥ {MIN_PARTIES} (Shamir secret sharing with an honest majority "
             f"hides inputs from a single party only with 3 or more), got {m}"
         )
+    engine = resolve_engine(opts.get("engine"), m)
+    frac = int(opts.get("frac_bits") or DEFAULT_FRAC_BITS)
+    int_bits = int(opts.get("int_bits") or DEFAULT_INT_BITS)
+    if engine == "mpyc":
+        require_mpyc()
+    else:
+        from modelshield.crypto.mpc.ring import check_bits
+
+        check_bits(frac, int_bits)
     bounds = opts.get("bounds") or (0.0, 1.0)
     data = load_dataset(opts["data"], bounds=bounds)
     limit = opts.get("limit")
@@ -223,8 +238,6 @@ def run_infer(**opts: Any) -> dict[str, Any]:
         arch=opts.get("arch"),
         trust_pickle=bool(opts.get("trust_pickle")),
     )
-    frac = int(opts.get("frac_bits") or DEFAULT_FRAC_BITS)
-    int_bits = int(opts.get("int_bits") or DEFAULT_INT_BITS)
     peak = mpc_model.max_abs(x)
     if peak >= 2 ** (int_bits - 1):
         need = int(np.ceil(np.log2(peak + 1))) + 2
@@ -236,7 +249,7 @@ def run_infer(**opts: Any) -> dict[str, Any]:
     common = [
         "--frac-bits", str(frac), "--int-bits", str(int_bits),
         "--batch-size", str(int(opts.get("batch_size") or 100)), "--reveal", reveal,
-        "--bounds", f"{bounds[0]},{bounds[1]}",
+        "--bounds", f"{bounds[0]},{bounds[1]}", "--engine", engine,
     ]  # fmt: skip
     if opts.get("transcripts"):
         common.append("--transcript")
@@ -268,6 +281,7 @@ def run_infer(**opts: Any) -> dict[str, Any]:
     result: dict[str, Any] = {
         "n": n,
         "parties": m,
+        "engine": engine,
         "roles": [s.role for s in specs],
         "frac_bits": frac,
         "int_bits": dp["int_bits"],
@@ -292,8 +306,7 @@ def run_infer(**opts: Any) -> dict[str, Any]:
         "bytes_sent_per_sample": {k: v / max(1, n) for k, v in total.items()},
         "architecture": dp["architecture"],
         "notes": mpc_model.notes,
-        "security": "Shamir secret sharing (MPyC), threshold "
-        f"{(m - 1) // 2} of {m}: passive (semi-honest) adversary, honest majority",
+        "security": SECURITY[engine].format(t=(m - 1) // 2, m=m),
         "revealed": "outputs to the data owner (party 1); input and weight shapes and the "
         "architecture to every party",
         "wall_time": wall,

@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_FRAC_BITS = 16
 DEFAULT_INT_BITS = 16
+ENGINES = ("auto", "ring", "mpyc")
+"""``ring``: three-party replicated sharing over Z_2^64 (:mod:`.rss`); ``mpyc``: Shamir
+over a prime field with MPyC, any number of parties; ``auto``: ring for three-party
+inference, MPyC otherwise."""
 WEIGHTED = ("affine", "conv")
 """Layer kinds whose weights the model owner secret-shares."""
 
@@ -54,6 +58,22 @@ def _mpyc_argv(argv: Sequence[str] = ()) -> Iterator[None]:
         yield
     finally:
         sys.argv = saved
+
+
+def resolve_engine(engine: str | None, parties: int, task: str = "infer") -> str:
+    """The engine a run uses: ``ring`` or ``mpyc`` (see :data:`ENGINES`)."""
+    engine = engine or "auto"
+    if engine not in ENGINES:
+        raise InvalidConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "auto":
+        return "ring" if parties == 3 and task == "infer" else "mpyc"
+    if engine == "ring" and task != "infer":
+        raise InvalidConfigError("the ring engine runs inference only; train with --engine mpyc")
+    if engine == "ring" and parties != 3:
+        raise InvalidConfigError(
+            f"the ring engine runs exactly 3 parties, got {parties} (use --engine mpyc for more)"
+        )
+    return engine
 
 
 def require_mpyc() -> None:

@@ -26,6 +26,7 @@ from modelshield.crypto.mpc.engine import (
     make_runtime,
     parse_parties,
     require_mpyc,
+    resolve_engine,
     run_program,
 )
 
@@ -44,6 +45,18 @@ def _read_data(
     n = len(data) if limit is None else min(int(limit), len(data))
     x = data.x[:n].double().reshape(n, -1).numpy()
     return data, x, data.y[:n].numpy().astype(np.int64)
+
+
+def _run_mpyc(
+    pid: int,
+    addresses: list[tuple[str, int]],
+    program: Any,
+    traffic: Traffic,
+    timeout: float,
+    log_level: str,
+) -> dict[str, Any]:
+    rt = make_runtime(pid, addresses, traffic=traffic, log_level=log_level)
+    return dict(run_program(rt, program, timeout=timeout))
 
 
 def run_party(
@@ -70,9 +83,9 @@ def run_party(
     transcript: bool = False,
     timeout: float = 600.0,
     log_level: str = "warning",
+    engine: str = "auto",
 ) -> dict[str, Any]:
     """Run party ``id`` of ``parties`` (``HOST:PORT,...``) in ``role``; write its results."""
-    require_mpyc()
     if role not in ROLES:
         raise InvalidConfigError(f"--role must be one of {', '.join(ROLES)}, got {role!r}")
     if task not in TASKS:
@@ -80,6 +93,11 @@ def run_party(
     addresses = parse_parties(parties)
     if len(addresses) < 2:
         raise InvalidConfigError("--parties needs at least two HOST:PORT entries")
+    if not 0 <= id < len(addresses):
+        raise InvalidConfigError(f"--id must be in 0..{len(addresses) - 1}, got {id}")
+    engine = resolve_engine(engine, len(addresses), task)
+    if engine == "mpyc":
+        require_mpyc()
     if role == "model" and task == "train":
         raise InvalidConfigError("joint training has data and compute parties, no model party")
     if role == "model" and not model:
@@ -116,7 +134,7 @@ def run_party(
                     "limit %d of --int-bits %d: wrong results if real inputs go beyond it",
                     bounds, peak, 2 ** (int_bits - 1), int_bits,
                 )  # fmt: skip
-        program = infer_program(
+        settings: dict[str, Any] = dict(
             role=role,
             frac_bits=frac_bits,
             int_bits=int_bits,
@@ -124,8 +142,15 @@ def run_party(
             reveal=reveal,
             model=mpc_model,
             x=x,
-            traffic=traffic,
         )
+        if engine == "ring":
+            from modelshield.crypto.mpc import ring
+
+            ring.check_bits(frac_bits, int_bits)
+            result = ring.run_party(id, addresses, timeout=timeout, traffic=traffic, **settings)
+        else:
+            program = infer_program(**settings, traffic=traffic)
+            result = _run_mpyc(id, addresses, program, traffic, timeout, log_level)
     else:
         from modelshield.crypto.mpc.train import train_program
 
@@ -143,8 +168,7 @@ def run_party(
             xy=xy,
             traffic=traffic,
         )
-    rt = make_runtime(id, addresses, traffic=traffic, log_level=log_level)
-    result = run_program(rt, program, timeout=timeout)
+        result = _run_mpyc(id, addresses, program, traffic, timeout, log_level)
     result["wall_time"] = time.time() - started
     result["task"] = task
     outputs = result.pop("outputs", None)

@@ -1,0 +1,107 @@
+"""Shared by the MPC tests of both engines: nets, a trained digits MLP, the leak search."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from modelshield.core.data import load_dataset
+from modelshield.crypto.he.train import PolyAct
+
+
+def train_mlp(seed: int = 0) -> tuple[nn.Module, object]:
+    digits = load_dataset("digits")
+    train, test = digits.subset(range(1437)), digits.subset(range(1437, 1797))
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(400):
+        idx = torch.randint(0, len(train), (64,))
+        loss = nn.functional.cross_entropy(net(train.x[idx]), train.y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval(), test
+
+
+class Square(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+
+def fixed_point_bound(model_out: np.ndarray, frac_bits: int, terms: int) -> float:
+    """Error budget: a few ulps (2^-f) per accumulated product, scaled by the output range."""
+    return terms * 2.0**-frac_bits * max(1.0, float(np.abs(model_out).max()))
+
+
+LAYERS = {
+    "linear": (lambda: nn.Sequential(nn.Linear(12, 5)), (12,)),
+    "conv2d": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Flatten()),
+        (2, 6, 6),
+    ),
+    "avgpool": (
+        lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 3)),
+        (1, 6, 6),
+    ),
+    "batchnorm": (
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 4)
+        ),
+        (1, 6, 6),
+    ),
+    "relu": (lambda: nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4)), (10,)),
+    "square": (lambda: nn.Sequential(nn.Linear(10, 8), Square(), nn.Linear(8, 3)), (10,)),
+    "polyact": (lambda: nn.Sequential(nn.Linear(10, 8), PolyAct(), nn.Linear(8, 3)), (10,)),
+}
+
+
+def make_net(name: str, seed: int) -> tuple[nn.Module, tuple[int, ...]]:
+    factory, shape = LAYERS[name]
+    torch.manual_seed(seed)
+    net = factory()
+    for m in net.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return net.eval(), shape
+
+
+def leaks(payloads: list[bytes], secrets: list[np.ndarray], frac_bits: int) -> list[str]:
+    """Encodings of ``secrets`` found in ``payloads``: float64/32 (both byte orders) and
+    fixed-point int64/32, as runs of consecutive values (as a raw array carries them) and,
+    for high-entropy float64 values, one by one (as a pickled list of floats carries them)."""
+    pats: dict[bytes, list[tuple[bytes, int, str]]] = {}
+
+    def add(full: bytes, label: str) -> None:
+        j = max(range(len(full) - 7), key=lambda i: 8 - full[i : i + 8].count(0))
+        if full[j : j + 8].count(0) <= 4:  # a key of mostly zeros says nothing about a secret
+            pats.setdefault(full[j : j + 8], []).append((full, j, label))
+
+    for k, a in enumerate(secrets):
+        a = np.asarray(a, dtype=np.float64).reshape(-1)
+        fixed = np.rint(a * 2**frac_bits)
+        for dtype, vals in (
+            ("<f8", a), (">f8", a), ("<f4", a), (">f4", a), ("<i8", fixed), ("<i4", fixed),
+        ):  # fmt: skip
+            flat = np.ascontiguousarray(vals, dtype=dtype)
+            width = 4 if flat.itemsize == 4 else 3
+            step = max(1, (len(flat) - width) // 20)  # a sample of positions keeps it fast
+            for i in range(0, len(flat) - width + 1, step):
+                add(flat[i : i + width].tobytes(), f"secret {k} as {dtype}")
+                if dtype.endswith("f8"):
+                    add(flat[i : i + 1].tobytes(), f"secret {k} as single {dtype} values")
+    keys = np.frombuffer(b"".join(pats), dtype="<u8")
+    blob = b"".join(payloads)
+    found: set[str] = set()
+    for off in range(8):
+        view = np.frombuffer(blob, dtype="<u8", offset=off, count=(len(blob) - off) // 8)
+        for h in np.nonzero(np.isin(view, keys))[0][:10000]:
+            pos = off + 8 * int(h)
+            for full, j, label in pats[blob[pos : pos + 8]]:
+                if blob[pos - j : pos - j + len(full)] == full:
+                    found.add(label)
+    return sorted(found)

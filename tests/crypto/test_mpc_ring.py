@@ -1,0 +1,408 @@
+"""The three-party ring engine (replicated sharing over Z_2^64) against plaintext.
+
+Protocol pieces (comparison, truncation, AND) run as three threads over real loopback
+sockets on random values across the whole ring; layers and labels against the plaintext
+model; then real ``modelshield mpc`` processes: digits end to end, every party's
+transcript searched for plaintext, the received shares tested for independence of the
+input, and the failure paths (a foreign peer, a missing peer, a dead party).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from modelshield.core.data import load_dataset
+from modelshield.core.errors import InvalidConfigError
+from modelshield.crypto.mpc.commands import free_ports
+from modelshield.crypto.mpc.engine import MPCError, load_transcript, resolve_engine
+from modelshield.crypto.mpc.model import compile_model
+from modelshield.crypto.mpc.net import Peers
+from modelshield.crypto.mpc.ring import labels as secure_labels
+from modelshield.crypto.mpc.ring import run_local
+from modelshield.crypto.mpc.rss import Ring3, Shared
+from tests.cli.test_cli import assert_one_line_error
+from tests.conftest import run_cli
+from tests.crypto.mpc_helpers import LAYERS, fixed_point_bound, leaks, make_net, train_mlp
+
+pytestmark = pytest.mark.network
+
+
+def three_parties(
+    fn: Callable[[Ring3], Any], frac_bits: int = 16, timeout: float = 60
+) -> list[Any]:
+    """Run ``fn(proto)`` as parties 0, 1, 2 (threads, real sockets); their return values."""
+    addresses = [("127.0.0.1", p) for p in free_ports(3)]
+    out: list[Any] = [None] * 3
+
+    def go(i: int) -> None:
+        net = Peers(i, addresses, deadline=time.monotonic() + timeout)
+        try:
+            out[i] = fn(Ring3(net.connect(), frac_bits))
+        except BaseException as e:
+            out[i] = e
+        finally:
+            net.close()
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 5)
+    for r in out:
+        if isinstance(r, BaseException):
+            raise r
+    return out
+
+
+def _shared_from_0(p: Ring3, x: torch.Tensor) -> Shared:
+    return p.share(0, x if p.pid == 0 else None, tuple(x.shape))
+
+
+def _opened(results: list[Any]) -> torch.Tensor:
+    return next(r for r in results if r is not None)
+
+
+def test_sign_bit_over_the_whole_ring() -> None:
+    rng = np.random.default_rng()
+    x = torch.from_numpy(rng.integers(-(2**63), 2**63 - 1, 4000, dtype=np.int64, endpoint=True))
+    edges = [0, 1, -1, 2**62, -(2**62), 2**63 - 1, -(2**63), 12345, -12345]
+    x = torch.cat([x, torch.tensor(edges, dtype=torch.int64)])
+
+    def fn(p: Ring3) -> Any:
+        return p.open_to(2, p.bit_to_arith(p.msb(_shared_from_0(p, x))))
+
+    got = _opened(three_parties(fn))
+    assert torch.equal(got, (x < 0).long())
+
+
+def test_truncation_is_within_one_ulp() -> None:
+    """SecureML-style truncation of shares: floor(x / 2^16) or one less."""
+    rng = np.random.default_rng()
+    x = torch.from_numpy(rng.integers(-(2**34), 2**34, 20000, dtype=np.int64))
+
+    def fn(p: Ring3) -> Any:
+        return p.open_to(0, p.truncate(_shared_from_0(p, x)))
+
+    got = _opened(three_parties(fn))
+    diff = (x >> 16) - got
+    assert set(diff.unique().tolist()) <= {0, 1}, diff.unique()
+
+
+def test_products_and_ands() -> None:
+    rng = np.random.default_rng()
+    a = torch.from_numpy(rng.integers(-(2**30), 2**30, (7, 5), dtype=np.int64))
+    b = torch.from_numpy(rng.integers(-(2**30), 2**30, (5, 3), dtype=np.int64))
+    u = torch.from_numpy(rng.integers(-(2**62), 2**62, 300, dtype=np.int64))
+    v = torch.from_numpy(rng.integers(-(2**62), 2**62, 300, dtype=np.int64))
+
+    def fn(p: Ring3) -> Any:
+        sa, sb = _shared_from_0(p, a), p.share(2, b if p.pid == 2 else None, (5, 3))
+        su, sv = _shared_from_0(p, u), p.share(1, v if p.pid == 1 else None, (300,))
+        mm = p.open_to(1, p.matmul(sa, sb))
+        el = p.open_to(1, p.mul(su, sv))
+        # AND of boolean sharings: share the words, AND them, open by XOR of the shares
+        (anded,) = p.and_many([(su, sv)])  # shares of u, v read as XOR sharings of words
+        return mm, el, (anded.a, anded.b), (su.a, su.b), (sv.a, sv.b)
+
+    res = three_parties(fn)
+    mm, el = res[1][0], res[1][1]
+    assert torch.equal(mm, a @ b) and torch.equal(el, u * v)
+    # the XOR sharing of the AND holds (x0 ^ x1 ^ x2) & (y0 ^ y1 ^ y2)
+    xor = lambda k: res[0][k][0] ^ res[1][k][0] ^ res[2][k][0]  # noqa: E731
+    assert torch.equal(xor(2), xor(3) & xor(4))
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_matches_plaintext(name: str) -> None:
+    seed = int(np.random.SeedSequence().entropy % 2**31)  # fresh inputs each run
+    net, shape = make_net(name, seed)
+    x = torch.rand((16, *shape), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = net(x).double().reshape(16, -1).numpy()
+    model = compile_model(net, shape)
+    out = run_local(model, x.double().reshape(16, -1).numpy(), frac_bits=16)
+    err = float(np.abs(out - ref).max())
+    fan_in = max(la.w.shape[0] for la in model.layers if la.w is not None)
+    bound = fixed_point_bound(ref, 16, fan_in)
+    assert err <= bound, f"{name}: |MPC - plaintext| = {err:.2e} > {bound:.2e} (seed {seed})"
+
+
+def test_labels_are_the_first_maximum_and_the_threshold() -> None:
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    net, shape = make_net("relu", seed)
+    x = np.random.default_rng(seed).random((60, 10))
+    model = compile_model(net, shape)
+    ref = model.forward(x)
+    labels = run_local(model, x, reveal="label").reshape(-1)
+    margin = np.sort(ref, axis=1)[:, -1] - np.sort(ref, axis=1)[:, -2]
+    clear = margin > 1e-3  # ties closer than the fixed-point error may go either way
+    assert clear.sum() > 40 and (labels[clear] == ref.argmax(1)[clear]).all()
+    # tied classes (same weights) differ by the truncation's ulp: either may win
+    tie = nn.Linear(10, 5)
+    with torch.no_grad():
+        tie.weight[3] = tie.weight[1]
+        tie.bias[3] = tie.bias[1] = 5.0  # the largest logit, tied
+    m_tie = compile_model(nn.Sequential(tie).eval(), (10,))
+    assert set(run_local(m_tie, x, reveal="label").reshape(-1).tolist()) <= {1.0, 3.0}
+    # values that are exactly equal on the shares: the first maximum, as argmax
+    rng = np.random.default_rng(seed)
+    z = torch.from_numpy(rng.integers(-4, 4, (300, 7), dtype=np.int64)) << 16
+    got_z = _opened(three_parties(lambda p: p.open_to(1, secure_labels(p, _shared_from_0(p, z)))))
+    assert torch.equal(got_z, z.argmax(1)), "ties must go to the first maximum"
+    # one output: the label is logit > 0
+    one = compile_model(nn.Sequential(nn.Linear(10, 1)).eval(), (10,))
+    z = one.forward(x)[:, 0]
+    got = run_local(one, x, reveal="label").reshape(-1)
+    ok = np.abs(z) > 1e-3
+    assert (got[ok] == (z[ok] > 0)).all()
+
+
+def test_more_fractional_bits_less_error() -> None:
+    net, shape = make_net("relu", 0)
+    x = np.random.default_rng(1).random((32, 10))
+    model = compile_model(net, shape)
+    ref = model.forward(x)
+    errs = [float(np.abs(run_local(model, x, frac_bits=f) - ref).max()) for f in (8, 12, 20)]
+    assert errs[0] > errs[1] > errs[2], errs
+    assert errs[2] < 1e-4
+
+
+def test_engine_choice_and_ring_limits() -> None:
+    assert resolve_engine("auto", 3) == "ring" and resolve_engine("auto", 5) == "mpyc"
+    assert resolve_engine("auto", 3, "train") == "mpyc"
+    with pytest.raises(InvalidConfigError, match="exactly 3 parties"):
+        resolve_engine("ring", 4)
+    with pytest.raises(InvalidConfigError, match="inference only"):
+        resolve_engine("ring", 3, "train")
+    from modelshield.crypto.mpc.ring import check_bits
+
+    with pytest.raises(InvalidConfigError, match="2·frac-bits \\+ int-bits"):
+        check_bits(24, 16)
+
+
+# --------------------------------------------------------------------------------------
+# Links
+# --------------------------------------------------------------------------------------
+
+
+def test_a_foreign_peer_and_a_missing_peer_are_named() -> None:
+    ports = free_ports(2)
+    addresses = [("127.0.0.1", ports[0]), ("127.0.0.1", ports[1])]
+    errors: list[BaseException] = []
+
+    def listen() -> None:
+        try:
+            Peers(0, addresses, deadline=time.monotonic() + 10).connect()
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=listen)
+    t.start()
+    for _ in range(100):  # a client that does not speak the ring protocol
+        try:
+            s = socket.create_connection(addresses[0], timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
+    s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    t.join(15)
+    s.close()
+    assert errors and isinstance(errors[0], MPCError)
+    assert "not a modelshield ring-engine party" in str(errors[0])
+    t0 = time.monotonic()
+    with pytest.raises(MPCError, match=r"party 0 at 127\.0\.0\.1:\d+ is unreachable"):
+        Peers(1, addresses, deadline=time.monotonic() + 1.5).connect()
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_party_listens_on_its_own_address_only() -> None:
+    ports = free_ports(2)
+    addresses = [("127.0.0.1", ports[0]), ("127.0.0.1", ports[1])]
+    seen: list[tuple[str, int]] = []
+    real_bind = socket.socket.bind
+
+    def spy(self: socket.socket, addr: Any) -> None:
+        seen.append(addr)
+        real_bind(self, addr)
+
+    socket.socket.bind = spy  # type: ignore[method-assign]
+    try:
+        with pytest.raises(MPCError):
+            Peers(1, addresses, deadline=time.monotonic() + 0.5).connect()
+    finally:
+        socket.socket.bind = real_bind  # type: ignore[method-assign]
+    assert seen == [("127.0.0.1", ports[1])]
+
+
+# --------------------------------------------------------------------------------------
+# Real processes
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    root: Path
+    model: Path
+    data: Path
+    net: nn.Module
+    run: Path
+    result: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def ring_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The 64-32-10 digits MLP (.pt2), 360 held-out digits, one run with the default engine."""
+    d = tmp_path_factory.mktemp("ring")
+    net, test = train_mlp()
+    test.to_npz(d / "test.npz")  # type: ignore[attr-defined]
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    prog = torch.export.export(net, (test.x[:2],), dynamic_shapes=({0: batch},))  # type: ignore[attr-defined]
+    torch.export.save(prog, d / "model.pt2")
+    run = d / "run"
+    r = run_cli("mpc", "infer", "--model", str(d / "model.pt2"), "--data", str(d / "test.npz"),
+                "--parties", "3", "--out", str(run), "--transcripts")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return Run(
+        d, d / "model.pt2", d / "test.npz", net, run, json.loads((run / "result.json").read_text())
+    )
+
+
+def test_digits_end_to_end_with_the_default_engine(ring_run: Run) -> None:
+    r = ring_run.result
+    assert r["engine"] == "ring" and "replicated secret sharing" in r["security"]
+    assert r["n"] == 360 and r["roles"] == ["model", "data", "compute"]
+    assert r["argmax_agreement"] >= 0.995, r
+    assert abs(r["accuracy"] - r["plaintext_accuracy"]) <= 0.005
+    assert r["plaintext_accuracy"] > 0.85
+    assert set(r["bytes_sent"]) == {"0", "1", "2"} and min(r["bytes_sent"].values()) > 0
+    assert r["latency"]["batches"] == 4 and r["latency"]["seconds_per_batch"] > 0
+    files = sorted(p.name for p in ring_run.run.glob("party-*-outputs.npz"))
+    assert files == ["party-1-outputs.npz"]  # only the data owner receives outputs
+
+
+def test_no_plaintext_input_or_weight_is_sent(ring_run: Run) -> None:
+    test = load_dataset(str(ring_run.data))
+    x = test.x.double().reshape(len(test), -1).numpy()
+    model = compile_model(ring_run.net, (1, 8, 8))
+    secrets = [x, *(la.w for la in model.layers if la.w is not None)]
+    secrets += [la.b for la in model.layers if la.b is not None]
+    secrets += [p.detach().numpy() for p in ring_run.net.parameters()]
+    for i in range(3):
+        msgs = load_transcript(ring_run.run / f"party-{i}-transcript.bin")
+        assert len(msgs) > 10
+        assert not leaks([m[2] for m in msgs], secrets, 16), f"party {i} sent plaintext"
+    # the biases travel at scale 2^32: not as their encoding at that scale either
+    biases = [la.b * 2.0**16 for la in model.layers if la.b is not None]
+    for i in range(3):
+        msgs = load_transcript(ring_run.run / f"party-{i}-transcript.bin")
+        assert not leaks([m[2] for m in msgs], biases, 16)
+
+
+def _shares_sent(run: Path, sender: int, receiver: int) -> np.ndarray:
+    """The input shares ``sender`` sent ``receiver``, as ring elements scaled to [0, 1)."""
+    msgs = [b for ph, peer, b in load_transcript(run / f"party-{sender}-transcript.bin")
+            if ph == "input:x" and peer == receiver]  # fmt: skip
+    words = np.concatenate([np.frombuffer(m, dtype="<u8") for m in msgs])
+    return words.astype(np.float64) / 2.0**64
+
+
+def test_shares_do_not_depend_on_the_input(ring_run: Run, tmp_path: Path) -> None:
+    """KS tests: what party 2 gets for input A vs a very different input B, and vs uniform."""
+    from scipy.stats import ks_2samp, kstest
+
+    test = load_dataset(str(ring_run.data))
+    inv = test.subset(range(100))
+    inv.x = 1.0 - inv.x
+    inv.to_npz(tmp_path / "b.npz")
+    run_b = tmp_path / "run_b"
+    r = run_cli("mpc", "infer", "--model", str(ring_run.model), "--data", str(tmp_path / "b.npz"),
+                "--engine", "ring", "--out", str(run_b), "--transcripts")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    ua, ub = _shares_sent(ring_run.run, 1, 2), _shares_sent(run_b, 1, 2)
+    ua = ua[: len(ub)]
+    assert len(ua) == len(ub) == 100 * 64
+    alpha = 1e-4
+    assert ks_2samp(ua, ub).pvalue > alpha
+    assert kstest(ua, "uniform").pvalue > alpha and kstest(ub, "uniform").pvalue > alpha
+    # the same test sees plaintext: the fixed-point encodings of A and B differ
+    xa = test.x[:100].double().reshape(-1).numpy()
+    enc = lambda v: np.rint(v * 2**16).astype(np.int64).view(np.uint64) / 2.0**64  # noqa: E731
+    assert ks_2samp(enc(xa), enc(1.0 - xa)).pvalue < 1e-10
+    zeros = xa == 0  # equal inputs get distinct shares
+    assert zeros.sum() > 1000 and len(set(ua[zeros].tolist())) == int(zeros.sum())
+
+
+def test_parties_by_hand_and_a_dead_party(ring_run: Run, tmp_path: Path) -> None:
+    """`mpc party` per process (as on three hosts); then party 2 is killed mid-run."""
+    import os
+    import subprocess
+
+    from tests.conftest import CLI
+
+    def start(batch: str, out: Path) -> list[subprocess.Popen[bytes]]:
+        addr = ",".join(f"127.0.0.1:{p}" for p in free_ports(3))
+        roles = [
+            ["--role", "model", "--model", str(ring_run.model), "--input-shape", "1,8,8"],
+            ["--role", "data", "--data", str(ring_run.data), "--batch-size", batch],
+            ["--role", "compute"],
+        ]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return [
+            subprocess.Popen(
+                [*CLI, "-v", "mpc", "party", "--id", str(i), "--parties", addr, "--engine",
+                 "ring", "--out", str(out / f"p{i}"), "--timeout", "120", *roles[i]],
+                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+            )
+            for i in range(3)
+        ]  # fmt: skip
+
+    procs = start("100", tmp_path / "ok")
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+    rec = json.loads((tmp_path / "ok" / "p1" / "party-1.json").read_text())
+    assert rec["engine"] == "ring" and rec["accuracy"] == ring_run.result["accuracy"]
+
+    procs = start("1", tmp_path / "dead")
+    try:
+        assert procs[2].stderr is not None
+        deadline = time.monotonic() + 60
+        for line in procs[2].stderr:
+            if b"secret inputs shared" in line or time.monotonic() > deadline:
+                break
+        procs[2].kill()
+        t0 = time.monotonic()
+        for p in procs[:2]:
+            _, err = p.communicate(timeout=30)
+            assert p.returncode == 2, err.decode()
+            assert "party 2 disconnected" in err.decode(), err.decode()
+        assert time.monotonic() - t0 < 30
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_ring_refuses_other_party_counts_and_overflowing_bits(
+    ring_run: Run, tmp_path: Path
+) -> None:
+    r = run_cli("mpc", "infer", "--model", str(ring_run.model), "--data", str(ring_run.data),
+                "--parties", "4", "--engine", "ring", "--out", str(tmp_path / "o"))  # fmt: skip
+    assert_one_line_error(r, "exactly 3 parties", "--engine mpyc")
+    r = run_cli("mpc", "infer", "--model", str(ring_run.model), "--data", str(ring_run.data),
+                "--frac-bits", "24", "--out", str(tmp_path / "o"))  # fmt: skip
+    assert_one_line_error(r, "--frac-bits 24")
+    assert not (tmp_path / "o" / "result.json").exists()
