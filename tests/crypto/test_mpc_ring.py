@@ -406,3 +406,14 @@ def test_ring_refuses_other_party_counts_and_overflowing_bits(
                 "--frac-bits", "24", "--out", str(tmp_path / "o"))  # fmt: skip
     assert_one_line_error(r, "--frac-bits 24")
     assert not (tmp_path / "o" / "result.json").exists()
+
+
+def test_a_data_party_refuses_inputs_beyond_its_range(tmp_path: Path) -> None:
+    """On its own host the data owner checks its inputs against --int-bits before sharing."""
+    np.savez(tmp_path / "big.npz", x=np.full((4, 3), 5000.0, dtype=np.float32), y=np.zeros(4))
+    addr = ",".join(f"127.0.0.1:{p}" for p in free_ports(3))
+    r = run_cli("mpc", "party", "--id", "1", "--parties", addr, "--role", "data",
+                "--data", str(tmp_path / "big.npz"), "--bounds", "0,10000", "--int-bits", "12",
+                "--out", str(tmp_path / "p1"), "--timeout", "20")  # fmt: skip
+    assert_one_line_error(r, "--int-bits 12", "5000")
+    assert not (tmp_path / "p1" / "party-1.json").exists()

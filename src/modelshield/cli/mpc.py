@@ -1,4 +1,4 @@
-"""``modelshield mpc``: secure multi-party computation (MPyC, Shamir), issue 11."""
+"""``modelshield mpc``: secure multi-party computation (ring engine or MPyC), issue 11."""
 
 from __future__ import annotations
 
@@ -51,9 +51,11 @@ _TRANSCRIPT = click.option(
 
 @click.group("mpc")
 def mpc_group() -> None:
-    """Secure multi-party computation: parties exchange only Shamir secret shares (MPyC).
+    """Secure multi-party computation: parties exchange only secret shares.
 
     \b
+    Engines: ring (3 parties, replicated sharing over Z_2^64; default for inference) and
+    mpyc (Shamir with MPyC, any number of parties; joint training).
     Security: honest majority (3 or more parties, at most (m-1)//2 colluding), passive
     (semi-honest) adversaries. Revealed: the outputs to the data owner; shapes and the
     architecture to every party.

@@ -1,9 +1,12 @@
-"""Secure multi-party computation with MPyC (Shamir secret sharing, honest majority).
+"""Secure multi-party computation: a 3-party ring engine and MPyC (both honest majority).
 
 A model owner and a data owner (or several data owners) compute a result neither could
 compute alone, as separate processes that exchange only secret shares over TCP:
 
-- secret-shared inference (:mod:`.engine`): the model owner shares the weights of the
+- two engines: ``ring`` (:mod:`.rss`, :mod:`.ring`, :mod:`.net`), replicated secret
+  sharing over Z_2^64 on torch int64 for 3-party inference (ABY3-style), and ``mpyc``
+  (:mod:`.engine`), Shamir sharing with MPyC for any number of parties and for training;
+- secret-shared inference: the model owner shares the weights of the
   model's layer list (:mod:`.model`), the data owner its inputs; every party computes
   affine layers, ReLU (secure comparison), polynomial activations and argmax in fixed
   point, and only the data owner learns the outputs;

@@ -122,6 +122,12 @@ def run_party(
         mpc_model = x = None
         if role == "data" and data:  # checked above: a data party has --data
             _, x, labels = _read_data(data, bounds, limit)
+            top = float(np.abs(x).max()) if x.size else 0.0
+            if not np.isfinite(top) or top >= 2 ** (int_bits - 1):
+                raise InvalidConfigError(
+                    f"--int-bits {int_bits} holds values below {2 ** (int_bits - 1)}, but the "
+                    f"inputs in {data} reach {top:.4g}: use more --int-bits or scale the data"
+                )
         if role == "model" and model:  # and a model party --model
             from modelshield.crypto.mpc.model import load_mpc_model
 
