@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
 
 from modelshield.core.data import load_dataset
 from modelshield.crypto.he.train import PolyAct
+from modelshield.crypto.mpc.commands import free_ports
+from modelshield.crypto.mpc.model import compile_model
 
 
 def train_mlp(seed: int = 0) -> tuple[nn.Module, object]:
@@ -105,3 +113,62 @@ def leaks(payloads: list[bytes], secrets: list[np.ndarray], frac_bits: int) -> l
                 if blob[pos - j : pos - j + len(full)] == full:
                     found.add(label)
     return sorted(found)
+
+
+def layer_error(name: str, run_local: Callable[..., np.ndarray]) -> tuple[float, float, int]:
+    """|secure - torch| of net ``name`` on 16 fresh random inputs, its bound, and the seed."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)  # fresh inputs each run
+    net, shape = make_net(name, seed)
+    x = torch.rand((16, *shape), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ref = net(x).double().reshape(16, -1).numpy()
+    model = compile_model(net, shape)
+    out = run_local(model, x.double().reshape(16, -1).numpy(), frac_bits=16)
+    fan_in = max(la.w.shape[0] for la in model.layers if la.w is not None)
+    return float(np.abs(out - ref).max()), fixed_point_bound(ref, 16, fan_in), seed
+
+
+def start_parties(
+    model: Path, data: Path, out: Path, engine: str, batch: int = 1
+) -> list[subprocess.Popen[bytes]]:
+    """`modelshield -v mpc party` for parties 0 (model), 1 (data), 2 (compute)."""
+    from tests.conftest import CLI
+
+    addr = ",".join(f"127.0.0.1:{p}" for p in free_ports(3))
+    roles = [
+        ["--role", "model", "--model", str(model), "--input-shape", "1,8,8"],
+        ["--role", "data", "--data", str(data), "--batch-size", str(batch)],
+        ["--role", "compute"],
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return [
+        subprocess.Popen(
+            [*CLI, "-v", "mpc", "party", "--id", str(i), "--parties", addr, "--engine", engine,
+             "--out", str(out / f"p{i}"), "--timeout", "120", *roles[i]],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+        )
+        for i in range(3)
+    ]  # fmt: skip
+
+
+def kill_one_mid_run(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Kill party 2 once it computes on shares; the others must stop, naming it, quickly."""
+    try:
+        assert procs[2].stderr is not None
+        deadline = time.monotonic() + 60
+        for line in procs[2].stderr:  # wait until the computation is under way
+            if b"secret inputs shared" in line or time.monotonic() > deadline:
+                break
+        time.sleep(0.2)
+        procs[2].kill()
+        t0 = time.monotonic()
+        for p in procs[:2]:
+            _, err = p.communicate(timeout=30)
+            assert p.returncode == 2, err.decode()
+            assert "party 2 disconnected" in err.decode(), err.decode()
+        assert time.monotonic() - t0 < 30
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

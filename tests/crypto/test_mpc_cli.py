@@ -25,12 +25,11 @@ if importlib.util.find_spec("mpyc") is None:  # not importorskip: MPyC parses sy
     pytest.skip("MPyC is not installed", allow_module_level=True)
 
 from modelshield.core.data import load_dataset
-from modelshield.crypto.mpc.commands import free_ports
 from modelshield.crypto.mpc.engine import load_transcript, require_mpyc
 from modelshield.crypto.mpc.model import compile_model
 from tests.cli.test_cli import assert_one_line_error
 from tests.conftest import CLI, run_cli
-from tests.crypto.mpc_helpers import leaks, train_mlp
+from tests.crypto.mpc_helpers import kill_one_mid_run, leaks, start_parties, train_mlp
 
 pytestmark = pytest.mark.network
 require_mpyc()  # the transcripts are pickles of MPyC field arrays
@@ -203,42 +202,7 @@ def _processes_with(text: str) -> list[int]:
 
 def test_a_party_that_dies_mid_run_ends_the_others(files: Files, tmp_path: Path) -> None:
     """Parties started by hand (as on three hosts); party 2 is killed during the run."""
-    ports = free_ports(3)
-    addr = ",".join(f"127.0.0.1:{p}" for p in ports)
-    roles = [
-        ["--role", "model", "--model", str(files.model), "--input-shape", "1,8,8"],
-        ["--role", "data", "--data", str(files.data), "--batch-size", "1"],
-        ["--role", "compute"],
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmds = [
-        [*CLI, "-v", "mpc", "party", "--id", str(i), "--parties", addr,
-         "--out", str(tmp_path / f"p{i}"), "--timeout", "120", *roles[i]]
-        for i in range(3)
-    ]  # fmt: skip
-    procs = [
-        subprocess.Popen(c, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
-        for c in cmds
-    ]
-    try:
-        assert procs[2].stderr is not None
-        deadline = time.monotonic() + 60
-        for line in procs[2].stderr:  # wait until the computation is under way
-            if b"secret inputs shared" in line or time.monotonic() > deadline:
-                break
-        time.sleep(0.5)
-        procs[2].kill()
-        t0 = time.monotonic()
-        for p in procs[:2]:
-            _, err = p.communicate(timeout=30)
-            assert p.returncode == 2, err.decode()
-            assert "party 2 disconnected" in err.decode(), err.decode()
-        assert time.monotonic() - t0 < 30
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    kill_one_mid_run(start_parties(files.model, files.data, tmp_path, "mpyc"))
 
 
 def test_two_parties_and_too_few_integer_bits_are_refused(files: Files, tmp_path: Path) -> None:

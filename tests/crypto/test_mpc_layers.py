@@ -21,21 +21,12 @@ if importlib.util.find_spec("mpyc") is None:  # not importorskip: MPyC parses sy
 from modelshield.core.errors import UnsupportedModelError
 from modelshield.crypto.mpc.engine import run_local
 from modelshield.crypto.mpc.model import compile_model, load_mpc_model
-from tests.crypto.mpc_helpers import LAYERS, fixed_point_bound, make_net
+from tests.crypto.mpc_helpers import LAYERS, layer_error, make_net
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_matches_plaintext(name: str) -> None:
-    seed = int(np.random.SeedSequence().entropy % 2**31)  # fresh inputs each run
-    net, shape = make_net(name, seed)
-    x = torch.rand((16, *shape), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        ref = net(x).double().reshape(16, -1).numpy()
-    model = compile_model(net, shape)
-    out = run_local(model, x.double().reshape(16, -1).numpy(), frac_bits=16)
-    err = float(np.abs(out - ref).max())
-    fan_in = max(la.w.shape[0] for la in model.layers if la.w is not None)
-    bound = fixed_point_bound(ref, 16, fan_in)
+    err, bound, seed = layer_error(name, run_local)
     assert err <= bound, f"{name}: |MPC - plaintext| = {err:.2e} > {bound:.2e} (seed {seed})"
 
 

@@ -29,41 +29,27 @@ from modelshield.crypto.mpc.commands import free_ports
 from modelshield.crypto.mpc.engine import MPCError, load_transcript, resolve_engine
 from modelshield.crypto.mpc.model import compile_model
 from modelshield.crypto.mpc.net import Peers
+from modelshield.crypto.mpc.ring import in_threads, run_local
 from modelshield.crypto.mpc.ring import labels as secure_labels
-from modelshield.crypto.mpc.ring import run_local
 from modelshield.crypto.mpc.rss import Ring3, Shared
 from tests.cli.test_cli import assert_one_line_error
 from tests.conftest import run_cli
-from tests.crypto.mpc_helpers import LAYERS, fixed_point_bound, leaks, make_net, train_mlp
+from tests.crypto.mpc_helpers import (
+    LAYERS,
+    kill_one_mid_run,
+    layer_error,
+    leaks,
+    make_net,
+    start_parties,
+    train_mlp,
+)
 
 pytestmark = pytest.mark.network
 
 
-def three_parties(
-    fn: Callable[[Ring3], Any], frac_bits: int = 16, timeout: float = 60
-) -> list[Any]:
+def three_parties(fn: Callable[[Ring3], Any], frac_bits: int = 16) -> list[Any]:
     """Run ``fn(proto)`` as parties 0, 1, 2 (threads, real sockets); their return values."""
-    addresses = [("127.0.0.1", p) for p in free_ports(3)]
-    out: list[Any] = [None] * 3
-
-    def go(i: int) -> None:
-        net = Peers(i, addresses, deadline=time.monotonic() + timeout)
-        try:
-            out[i] = fn(Ring3(net.connect(), frac_bits))
-        except BaseException as e:
-            out[i] = e
-        finally:
-            net.close()
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout + 5)
-    for r in out:
-        if isinstance(r, BaseException):
-            raise r
-    return out
+    return in_threads(lambda net: fn(Ring3(net, frac_bits)), timeout=60)
 
 
 def _shared_from_0(p: Ring3, x: torch.Tensor) -> Shared:
@@ -126,16 +112,7 @@ def test_products_and_ands() -> None:
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_matches_plaintext(name: str) -> None:
-    seed = int(np.random.SeedSequence().entropy % 2**31)  # fresh inputs each run
-    net, shape = make_net(name, seed)
-    x = torch.rand((16, *shape), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        ref = net(x).double().reshape(16, -1).numpy()
-    model = compile_model(net, shape)
-    out = run_local(model, x.double().reshape(16, -1).numpy(), frac_bits=16)
-    err = float(np.abs(out - ref).max())
-    fan_in = max(la.w.shape[0] for la in model.layers if la.w is not None)
-    bound = fixed_point_bound(ref, 16, fan_in)
+    err, bound, seed = layer_error(name, run_local)
     assert err <= bound, f"{name}: |MPC - plaintext| = {err:.2e} > {bound:.2e} (seed {seed})"
 
 
@@ -346,54 +323,13 @@ def test_shares_do_not_depend_on_the_input(ring_run: Run, tmp_path: Path) -> Non
 
 def test_parties_by_hand_and_a_dead_party(ring_run: Run, tmp_path: Path) -> None:
     """`mpc party` per process (as on three hosts); then party 2 is killed mid-run."""
-    import os
-    import subprocess
-
-    from tests.conftest import CLI
-
-    def start(batch: str, out: Path) -> list[subprocess.Popen[bytes]]:
-        addr = ",".join(f"127.0.0.1:{p}" for p in free_ports(3))
-        roles = [
-            ["--role", "model", "--model", str(ring_run.model), "--input-shape", "1,8,8"],
-            ["--role", "data", "--data", str(ring_run.data), "--batch-size", batch],
-            ["--role", "compute"],
-        ]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        return [
-            subprocess.Popen(
-                [*CLI, "-v", "mpc", "party", "--id", str(i), "--parties", addr, "--engine",
-                 "ring", "--out", str(out / f"p{i}"), "--timeout", "120", *roles[i]],
-                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
-            )
-            for i in range(3)
-        ]  # fmt: skip
-
-    procs = start("100", tmp_path / "ok")
+    procs = start_parties(ring_run.model, ring_run.data, tmp_path / "ok", "ring", batch=100)
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
     rec = json.loads((tmp_path / "ok" / "p1" / "party-1.json").read_text())
     assert rec["engine"] == "ring" and rec["accuracy"] == ring_run.result["accuracy"]
-
-    procs = start("1", tmp_path / "dead")
-    try:
-        assert procs[2].stderr is not None
-        deadline = time.monotonic() + 60
-        for line in procs[2].stderr:
-            if b"secret inputs shared" in line or time.monotonic() > deadline:
-                break
-        procs[2].kill()
-        t0 = time.monotonic()
-        for p in procs[:2]:
-            _, err = p.communicate(timeout=30)
-            assert p.returncode == 2, err.decode()
-            assert "party 2 disconnected" in err.decode(), err.decode()
-        assert time.monotonic() - t0 < 30
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    kill_one_mid_run(start_parties(ring_run.model, ring_run.data, tmp_path / "dead", "ring"))
 
 
 def test_ring_refuses_other_party_counts_and_overflowing_bits(

@@ -335,6 +335,46 @@ async def exchange_meta(rt: Any, mine: dict[str, Any]) -> list[dict[str, Any]]:
     return list(await rt.transfer(mine))
 
 
+def public_meta(
+    role: str,
+    x: np.ndarray | None,
+    frac_bits: int,
+    int_bits: int,
+    batch_size: int,
+    reveal: str,
+) -> dict[str, Any]:
+    """What a party tells every other one before inference (in the clear).
+
+    The data owner's settings (sizes, fixed point, batch size, what is revealed) hold
+    for every party; the others send only their role.
+    """
+    mine: dict[str, Any] = {"role": role}
+    if role == "data":
+        if x is None:
+            raise MPCError("the data party has no inputs to share")
+        mine.update(n=int(x.shape[0]), input_dim=int(x.shape[1]), frac_bits=frac_bits,
+                    int_bits=int_bits, batch_size=batch_size, reveal=reveal)  # fmt: skip
+    return mine
+
+
+def model_and_data_party(metas: list[dict[str, Any]]) -> tuple[int, int]:
+    """The ids of the model owner and the data owner (exactly one of each)."""
+    roles = [m.get("role") for m in metas]
+    if roles.count("model") != 1 or roles.count("data") != 1:
+        raise MPCError(f"inference needs one model party and one data party; roles are {roles}")
+    return roles.index("model"), roles.index("data")
+
+
+def input_mismatch(model: Any, data_meta: dict[str, Any]) -> str | None:
+    """Why the model owner's model cannot take the data owner's inputs, or None."""
+    if int(model.input_dim) != int(data_meta["input_dim"]):
+        return (
+            f"the model takes {model.input_dim} inputs; the data owner has "
+            f"{data_meta['input_dim']} features"
+        )
+    return None
+
+
 def infer_program(
     *,
     role: str,
@@ -355,27 +395,17 @@ def infer_program(
 
     async def program(rt: Any) -> dict[str, Any]:
         with tr.during("meta"):
-            mine: dict[str, Any] = {"role": role}
-            if role == "data":
-                if x is None:
-                    raise MPCError("the data party has no inputs to share")
-                mine["n"], mine["input_dim"] = int(x.shape[0]), int(x.shape[1])
-                mine.update(frac_bits=frac_bits, int_bits=int_bits, batch_size=batch_size)
-                mine["reveal"] = reveal
+            mine = public_meta(role, x, frac_bits, int_bits, batch_size, reveal)
             metas = await exchange_meta(rt, mine)
         roles = [m["role"] for m in metas]
-        if roles.count("model") != 1 or roles.count("data") != 1:
-            raise MPCError(f"inference needs one model party and one data party; roles are {roles}")
-        mp, dp = roles.index("model"), roles.index("data")
+        mp, dp = model_and_data_party(metas)
         dmeta = metas[dp]
         with tr.during("meta"):
             arch = None
             if rt.pid == mp:
-                if int(model.input_dim) != int(dmeta["input_dim"]):
-                    raise MPCError(
-                        f"the model takes {model.input_dim} inputs; the data owner has "
-                        f"{dmeta['input_dim']} features"
-                    )
+                problem = input_mismatch(model, dmeta)
+                if problem:
+                    raise MPCError(problem)
                 arch = model.architecture.to_dict()
             arch = await rt.transfer(arch, senders=mp)
         fb, bs, rv = int(dmeta["frac_bits"]), int(dmeta["batch_size"]), str(dmeta["reveal"])

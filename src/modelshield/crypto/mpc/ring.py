@@ -14,13 +14,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 from modelshield.core.errors import InvalidConfigError
-from modelshield.crypto.mpc.engine import WEIGHTED, MPCError, Traffic
+from modelshield.crypto.mpc.engine import (
+    WEIGHTED,
+    MPCError,
+    Traffic,
+    input_mismatch,
+    model_and_data_party,
+    public_meta,
+)
 from modelshield.crypto.mpc.net import Peers
 from modelshield.crypto.mpc.rss import PARTIES, Ring3, Shared, cat, decode, encode
 
@@ -174,29 +182,19 @@ def infer(
     """The inference program of party ``net.pid``: the same keys as the MPyC program's."""
     tr = net.traffic
     with tr.during("meta"):
-        mine: dict[str, Any] = {"role": role, "engine": "ring"}
-        if role == "data":
-            if x is None:
-                raise MPCError("the data party has no inputs to share")
-            mine.update(n=int(x.shape[0]), input_dim=int(x.shape[1]), frac_bits=frac_bits,
-                        int_bits=int_bits, batch_size=batch_size, reveal=reveal)  # fmt: skip
-        metas = _swap(net, mine)
-    roles = [m.get("role") for m in metas]
-    if roles.count("model") != 1 or roles.count("data") != 1:
-        raise MPCError(f"inference needs one model party and one data party; roles are {roles}")
-    mp, dp = roles.index("model"), roles.index("data")
+        mine = public_meta(role, x, frac_bits, int_bits, batch_size, reveal)
+        metas = _swap(net, {**mine, "engine": "ring"})
+    mp, dp = model_and_data_party(metas)
     dmeta = metas[dp]
     with tr.during("meta"):
         arch = None
         if net.pid == mp:
-            if int(model.input_dim) != int(dmeta["input_dim"]):
-                arch = {"error": f"the model takes {model.input_dim} inputs; the data owner "
-                                 f"has {dmeta['input_dim']} features"}  # fmt: skip
-            else:
-                arch = model.architecture.to_dict()
+            problem = input_mismatch(model, dmeta)
+            arch = {"error": problem} if problem else model.architecture.to_dict()
         arch = _from(net, mp, arch)
     if "error" in arch:
         raise MPCError(arch["error"])
+    roles = [m.get("role") for m in metas]
     fb, ib, bs = int(dmeta["frac_bits"]), int(dmeta["int_bits"]), int(dmeta["batch_size"])
     rv = str(dmeta["reveal"])  # the data owner's settings hold for every party
     check_bits(fb, ib)
@@ -303,25 +301,38 @@ def run_local(
     For checking the protocol against plaintext quickly; ``mpc infer`` runs each party
     as its own process.
     """
-    from modelshield.crypto.mpc.commands import free_ports
-
-    addresses = [("127.0.0.1", p) for p in free_ports(PARTIES)]
     a = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     common: dict[str, Any] = dict(
         frac_bits=frac_bits, int_bits=int_bits, batch_size=batch_size, reveal=reveal
     )
-    args = [
+    roles: list[dict[str, Any]] = [
         {"role": "model", "model": model},
         {"role": "data", "x": a},
         {"role": "compute"},
     ]
+    results = in_threads(lambda net: infer(net, **common, **roles[net.pid]), timeout=timeout)
+    return np.asarray(results[1]["outputs"])
+
+
+def in_threads(fn: Callable[[Peers], Any], *, timeout: float = 120.0) -> list[Any]:
+    """Run ``fn(links)`` as parties 0, 1, 2 in threads over real loopback sockets.
+
+    Returns the three results; the first party's error is raised (after all stopped).
+    """
+    from modelshield.crypto.mpc.commands import free_ports
+
+    addresses = [("127.0.0.1", p) for p in free_ports(PARTIES)]
     results: list[Any] = [None] * PARTIES
 
     def go(i: int) -> None:
+        net = Peers(i, addresses, deadline=time.monotonic() + timeout)
         try:
-            results[i] = run_party(i, addresses, timeout=timeout, **common, **args[i])
+            results[i] = fn(net.connect())
         except BaseException as e:  # handed to the caller below
+            net.abort(str(e))
             results[i] = e
+        finally:
+            net.close()
 
     threads = [threading.Thread(target=go, args=(i,), daemon=True) for i in range(PARTIES)]
     for t in threads:
@@ -331,4 +342,4 @@ def run_local(
     for r in results:
         if isinstance(r, BaseException):
             raise r
-    return np.asarray(results[1]["outputs"])
+    return results
