@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +34,35 @@ def train_mlp(seed: int = 0) -> tuple[nn.Module, object]:
         loss.backward()
         opt.step()
     return net.eval(), test
+
+
+@dataclass
+class DigitsRun:
+    """The digits MLP (.pt2), its 360 held-out digits and one 3-party ``mpc infer`` run."""
+
+    root: Path
+    model: Path
+    data: Path
+    net: nn.Module
+    run: Path
+    result: dict[str, Any]
+
+
+def digits_run(d: Path, *extra: str) -> DigitsRun:
+    """Train and export the MLP in ``d`` and run ``mpc infer`` on it with ``extra`` options."""
+    from tests.conftest import run_cli
+
+    net, test = train_mlp()
+    test.to_npz(d / "test.npz")  # type: ignore[attr-defined]
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    prog = torch.export.export(net, (test.x[:2],), dynamic_shapes=({0: batch},))  # type: ignore[attr-defined]
+    torch.export.save(prog, d / "model.pt2")
+    run = d / "run"
+    r = run_cli("mpc", "infer", "--model", str(d / "model.pt2"), "--data", str(d / "test.npz"),
+                "--parties", "3", "--out", str(run), "--transcripts", *extra)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads((run / "result.json").read_text())
+    return DigitsRun(d, d / "model.pt2", d / "test.npz", net, run, result)
 
 
 class Square(nn.Module):

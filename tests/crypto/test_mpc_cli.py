@@ -13,7 +13,6 @@ import os
 import pickle
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,40 +28,25 @@ from modelshield.crypto.mpc.engine import load_transcript, require_mpyc
 from modelshield.crypto.mpc.model import compile_model
 from tests.cli.test_cli import assert_one_line_error
 from tests.conftest import CLI, run_cli
-from tests.crypto.mpc_helpers import kill_one_mid_run, leaks, start_parties, train_mlp
+from tests.crypto.mpc_helpers import (
+    DigitsRun,
+    digits_run,
+    kill_one_mid_run,
+    leaks,
+    start_parties,
+)
 
 pytestmark = pytest.mark.network
 require_mpyc()  # the transcripts are pickles of MPyC field arrays
 
 
-@dataclass
-class Files:
-    root: Path
-    model: Path
-    data: Path
-    net: nn.Module
-    run: Path
-    result: dict
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
+def files(tmp_path_factory: pytest.TempPathFactory) -> DigitsRun:
     """A 64-32-10 ReLU MLP on digits (.pt2), the 360 held-out digits, and one 3-party run."""
-    d = tmp_path_factory.mktemp("mpc")
-    net, test = train_mlp()
-    test.to_npz(d / "test.npz")  # type: ignore[attr-defined]
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    prog = torch.export.export(net, (test.x[:2],), dynamic_shapes=({0: batch},))  # type: ignore[attr-defined]
-    torch.export.save(prog, d / "model.pt2")
-    run = d / "run"
-    r = run_cli("mpc", "infer", "--model", str(d / "model.pt2"), "--data", str(d / "test.npz"),
-                "--parties", "3", "--engine", "mpyc", "--out", str(run), "--transcripts")  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    result = json.loads((run / "result.json").read_text())
-    return Files(d, d / "model.pt2", d / "test.npz", net, run, result)
+    return digits_run(tmp_path_factory.mktemp("mpc"), "--engine", "mpyc")
 
 
-def test_infer_agrees_with_plaintext(files: Files) -> None:
+def test_infer_agrees_with_plaintext(files: DigitsRun) -> None:
     r = files.result
     assert r["n"] == 360 and r["parties"] == 3
     assert r["roles"] == ["model", "data", "compute"]
@@ -79,7 +63,7 @@ def test_infer_agrees_with_plaintext(files: Files) -> None:
     assert "accuracy" in parties[1] and "accuracy" not in parties[0]
 
 
-def test_no_plaintext_input_or_weight_is_sent(files: Files) -> None:
+def test_no_plaintext_input_or_weight_is_sent(files: DigitsRun) -> None:
     test = load_dataset(str(files.data))
     x = test.x.double().reshape(len(test), -1).numpy()
     model = compile_model(files.net, (1, 8, 8))
@@ -121,7 +105,7 @@ def _received_shares(run: Path) -> tuple[np.ndarray, int]:
     return np.array([float(v) / p for v in vals]), p
 
 
-def test_shares_do_not_depend_on_the_input(files: Files, tmp_path: Path) -> None:
+def test_shares_do_not_depend_on_the_input(files: DigitsRun, tmp_path: Path) -> None:
     """Two-sample KS test: party 2's shares of input A vs a very different input B."""
     test = load_dataset(str(files.data))
     inv = test.subset(range(100))
@@ -154,7 +138,7 @@ def test_shares_do_not_depend_on_the_input(files: Files, tmp_path: Path) -> None
     assert len(set(plain_a[zeros].tolist())) == 1
 
 
-def test_broken_model_file_fails_fast_with_one_line(files: Files, tmp_path: Path) -> None:
+def test_broken_model_file_fails_fast_with_one_line(files: DigitsRun, tmp_path: Path) -> None:
     bad = tmp_path / "broken.pt2"
     bad.write_bytes(files.model.read_bytes()[:200])
     t0 = time.monotonic()
@@ -165,7 +149,7 @@ def test_broken_model_file_fails_fast_with_one_line(files: Files, tmp_path: Path
     assert not (tmp_path / "o" / "result.json").exists()
 
 
-def test_model_party_crash_mid_launch_is_reported(files: Files, tmp_path: Path) -> None:
+def test_model_party_crash_mid_launch_is_reported(files: DigitsRun, tmp_path: Path) -> None:
     """The launcher reads the model fine, but the model party cannot (file gone)."""
     from modelshield.crypto.mpc.commands import PartySpec, launch
     from modelshield.crypto.mpc.engine import MPCError
@@ -200,12 +184,12 @@ def _processes_with(text: str) -> list[int]:
     return found
 
 
-def test_a_party_that_dies_mid_run_ends_the_others(files: Files, tmp_path: Path) -> None:
+def test_a_party_that_dies_mid_run_ends_the_others(files: DigitsRun, tmp_path: Path) -> None:
     """Parties started by hand (as on three hosts); party 2 is killed during the run."""
     kill_one_mid_run(start_parties(files.model, files.data, tmp_path, "mpyc"))
 
 
-def test_two_parties_and_too_few_integer_bits_are_refused(files: Files, tmp_path: Path) -> None:
+def test_two_parties_and_too_few_integer_bits_are_refused(files: DigitsRun, tmp_path: Path) -> None:
     r = run_cli("mpc", "infer", "--model", str(files.model), "--data", str(files.data),
                 "--parties", "2", "--out", str(tmp_path / "o"))  # fmt: skip
     assert_one_line_error(r, "--parties", "honest majority")
@@ -254,7 +238,7 @@ def test_joint_training_matches_pooled_plaintext(tmp_path: Path) -> None:
         assert not leaks([m[2] for m in msgs], [xk], 16)
 
 
-def test_cnn_logits_over_real_processes(files: Files, tmp_path: Path) -> None:
+def test_cnn_logits_over_real_processes(files: DigitsRun, tmp_path: Path) -> None:
     """Conv2d + BatchNorm + ReLU + AvgPool + Linear, 3 processes, logits vs plaintext."""
     torch.manual_seed(1)
     net = nn.Sequential(
@@ -283,7 +267,9 @@ def test_cnn_logits_over_real_processes(files: Files, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGKILL"])
-def test_stopping_the_launcher_stops_every_party(files: Files, tmp_path: Path, sig: str) -> None:
+def test_stopping_the_launcher_stops_every_party(
+    files: DigitsRun, tmp_path: Path, sig: str
+) -> None:
     """Ctrl-C, SIGTERM or even SIGKILL of `mpc infer` leaves no party process behind."""
     import signal
 

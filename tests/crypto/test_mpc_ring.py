@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +35,13 @@ from tests.cli.test_cli import assert_one_line_error
 from tests.conftest import run_cli
 from tests.crypto.mpc_helpers import (
     LAYERS,
+    DigitsRun,
+    digits_run,
     kill_one_mid_run,
     layer_error,
     leaks,
     make_net,
     start_parties,
-    train_mlp,
 )
 
 pytestmark = pytest.mark.network
@@ -228,35 +228,13 @@ def test_a_party_listens_on_its_own_address_only() -> None:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class Run:
-    root: Path
-    model: Path
-    data: Path
-    net: nn.Module
-    run: Path
-    result: dict[str, Any]
-
-
 @pytest.fixture(scope="module")
-def ring_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """The 64-32-10 digits MLP (.pt2), 360 held-out digits, one run with the default engine."""
-    d = tmp_path_factory.mktemp("ring")
-    net, test = train_mlp()
-    test.to_npz(d / "test.npz")  # type: ignore[attr-defined]
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    prog = torch.export.export(net, (test.x[:2],), dynamic_shapes=({0: batch},))  # type: ignore[attr-defined]
-    torch.export.save(prog, d / "model.pt2")
-    run = d / "run"
-    r = run_cli("mpc", "infer", "--model", str(d / "model.pt2"), "--data", str(d / "test.npz"),
-                "--parties", "3", "--out", str(run), "--transcripts")  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    return Run(
-        d, d / "model.pt2", d / "test.npz", net, run, json.loads((run / "result.json").read_text())
-    )
+def ring_run(tmp_path_factory: pytest.TempPathFactory) -> DigitsRun:
+    """The digits MLP, its held-out digits, and one run with the default engine (ring)."""
+    return digits_run(tmp_path_factory.mktemp("ring"))
 
 
-def test_digits_end_to_end_with_the_default_engine(ring_run: Run) -> None:
+def test_digits_end_to_end_with_the_default_engine(ring_run: DigitsRun) -> None:
     r = ring_run.result
     assert r["engine"] == "ring" and "replicated secret sharing" in r["security"]
     assert r["n"] == 360 and r["roles"] == ["model", "data", "compute"]
@@ -269,7 +247,7 @@ def test_digits_end_to_end_with_the_default_engine(ring_run: Run) -> None:
     assert files == ["party-1-outputs.npz"]  # only the data owner receives outputs
 
 
-def test_no_plaintext_input_or_weight_is_sent(ring_run: Run) -> None:
+def test_no_plaintext_input_or_weight_is_sent(ring_run: DigitsRun) -> None:
     test = load_dataset(str(ring_run.data))
     x = test.x.double().reshape(len(test), -1).numpy()
     model = compile_model(ring_run.net, (1, 8, 8))
@@ -295,7 +273,7 @@ def _shares_sent(run: Path, sender: int, receiver: int) -> np.ndarray:
     return words.astype(np.float64) / 2.0**64
 
 
-def test_shares_do_not_depend_on_the_input(ring_run: Run, tmp_path: Path) -> None:
+def test_shares_do_not_depend_on_the_input(ring_run: DigitsRun, tmp_path: Path) -> None:
     """KS tests: what party 2 gets for input A vs a very different input B, and vs uniform."""
     from scipy.stats import ks_2samp, kstest
 
@@ -321,7 +299,7 @@ def test_shares_do_not_depend_on_the_input(ring_run: Run, tmp_path: Path) -> Non
     assert zeros.sum() > 1000 and len(set(ua[zeros].tolist())) == int(zeros.sum())
 
 
-def test_parties_by_hand_and_a_dead_party(ring_run: Run, tmp_path: Path) -> None:
+def test_parties_by_hand_and_a_dead_party(ring_run: DigitsRun, tmp_path: Path) -> None:
     """`mpc party` per process (as on three hosts); then party 2 is killed mid-run."""
     procs = start_parties(ring_run.model, ring_run.data, tmp_path / "ok", "ring", batch=100)
     for p in procs:
@@ -333,7 +311,7 @@ def test_parties_by_hand_and_a_dead_party(ring_run: Run, tmp_path: Path) -> None
 
 
 def test_ring_refuses_other_party_counts_and_overflowing_bits(
-    ring_run: Run, tmp_path: Path
+    ring_run: DigitsRun, tmp_path: Path
 ) -> None:
     r = run_cli("mpc", "infer", "--model", str(ring_run.model), "--data", str(ring_run.data),
                 "--parties", "4", "--engine", "ring", "--out", str(tmp_path / "o"))  # fmt: skip
