@@ -174,34 +174,95 @@ def test_engine_choice_and_ring_limits() -> None:
 # --------------------------------------------------------------------------------------
 
 
-def test_a_foreign_peer_and_a_missing_peer_are_named() -> None:
-    ports = free_ports(2)
-    addresses = [("127.0.0.1", ports[0]), ("127.0.0.1", ports[1])]
-    errors: list[BaseException] = []
-
-    def listen() -> None:
+def _dial_until_open(address: tuple[str, int]) -> socket.socket:
+    for _ in range(200):
         try:
-            Peers(0, addresses, deadline=time.monotonic() + 10).connect()
-        except BaseException as e:
-            errors.append(e)
-
-    t = threading.Thread(target=listen)
-    t.start()
-    for _ in range(100):  # a client that does not speak the ring protocol
-        try:
-            s = socket.create_connection(addresses[0], timeout=1)
-            break
+            return socket.create_connection(address, timeout=1)
         except OSError:
             time.sleep(0.05)
-    s.sendall(b"GET / HTTP/1.1\r\n\r\n")
-    t.join(15)
-    s.close()
-    assert errors and isinstance(errors[0], MPCError)
-    assert "not a modelshield ring-engine party" in str(errors[0])
+    raise AssertionError(f"nothing listens on {address}")
+
+
+def test_a_stray_connection_is_ignored_and_named_and_a_missing_peer_too() -> None:
+    ports = free_ports(2)
+    addresses = [("127.0.0.1", ports[0]), ("127.0.0.1", ports[1])]
+    out: list[Any] = []
+
+    def listen(seconds: float) -> None:
+        try:
+            out.append(Peers(0, addresses, deadline=time.monotonic() + seconds).connect())
+        except BaseException as e:
+            out.append(e)
+
+    # a stray client (not a ring party) first, then the real party 1: the run goes on
+    t = threading.Thread(target=listen, args=(20,))
+    t.start()
+    stray = _dial_until_open(addresses[0])
+    stray.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    one = Peers(1, addresses, deadline=time.monotonic() + 20).connect()
+    t.join(25)
+    assert isinstance(out[0], Peers), out
+    one.send(0, b"hello")
+    assert out[0].recv(1) == b"hello"
+    one.close()
+    out[0].close()
+    stray.close()
+    # only strays: the timeout names them
+    out.clear()
+    t = threading.Thread(target=listen, args=(2,))
+    t.start()
+    stray = _dial_until_open(addresses[0])
+    stray.sendall(b"\x00" * 12)
+    t.join(10)
+    stray.close()
+    assert isinstance(out[0], MPCError) and "were not modelshield ring-engine parties" in str(
+        out[0]
+    )
     t0 = time.monotonic()
     with pytest.raises(MPCError, match=r"party 0 at 127\.0\.0\.1:\d+ is unreachable"):
         Peers(1, addresses, deadline=time.monotonic() + 1.5).connect()
     assert time.monotonic() - t0 < 10
+
+
+def test_a_peer_that_stops_reading_fails_the_send_at_the_deadline() -> None:
+    """A stopped process keeps its link open but reads nothing: no hang past --timeout."""
+    import struct
+
+    ports = free_ports(2)
+    addresses = [("127.0.0.1", ports[0]), ("127.0.0.1", ports[1])]
+    out: list[Any] = []
+    t = threading.Thread(
+        target=lambda: out.append(Peers(0, addresses, deadline=time.monotonic() + 3).connect())
+    )
+    t.start()
+    frozen = _dial_until_open(addresses[0])
+    frozen.sendall(b"MSRING01" + struct.pack("<I", 1))  # a real hello, then silence
+    t.join(10)
+    t0 = time.monotonic()
+    with pytest.raises(MPCError, match="party 1 stopped reading before the timeout"):
+        out[0].send(1, b"\x00" * (64 << 20))
+    assert time.monotonic() - t0 < 8
+    out[0].close()
+    frozen.close()
+
+
+def test_truncation_failures_match_the_bound_wrap_risk_uses() -> None:
+    """Large values wrap as often as |x| / 2^64 predicts (the model behind wrap_risk)."""
+    from modelshield.crypto.mpc.ring import wrap_risk
+
+    rng = np.random.default_rng()
+    x = torch.from_numpy(rng.integers(-(2**58), 2**58, 20000, dtype=np.int64))
+
+    def fn(p: Ring3) -> Any:
+        return p.open_to(0, p.truncate(_shared_from_0(p, x)))
+
+    got = _opened(three_parties(fn))
+    wrong = int(((x >> 16) - got).abs().gt(1).sum())
+    expected = float((x.double().abs() / 2.0**64).sum())  # about 156
+    assert 0.5 * expected < wrong < 1.6 * expected, (wrong, expected)
+    # wrap_risk's per-value bound at the peak (2^58 at scale 2^32) covers the observed rate
+    one_value = [{"kind": "affine", "in": 1, "out": 1}]
+    assert wrong / len(x) <= wrap_risk(one_value, 2.0**26, 16) == 2.0**-6
 
 
 def test_a_party_listens_on_its_own_address_only() -> None:
@@ -237,6 +298,7 @@ def ring_run(tmp_path_factory: pytest.TempPathFactory) -> DigitsRun:
 def test_digits_end_to_end_with_the_default_engine(ring_run: DigitsRun) -> None:
     r = ring_run.result
     assert r["engine"] == "ring" and "replicated secret sharing" in r["security"]
+    assert 0 < r["truncation_failure_bound_per_sample"] < 1e-4
     assert r["n"] == 360 and r["roles"] == ["model", "data", "compute"]
     assert r["argmax_agreement"] >= 0.995, r
     assert abs(r["accuracy"] - r["plaintext_accuracy"]) <= 0.005

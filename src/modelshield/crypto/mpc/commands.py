@@ -38,6 +38,8 @@ from modelshield.crypto.mpc.engine import (
 logger = logging.getLogger(__name__)
 
 MIN_PARTIES = 3
+WRAP_RISK_WARN = 1e-4
+"""Warn when a ring-engine truncation may spoil more than one sample in 10^4."""
 SECURITY = {
     "mpyc": "Shamir secret sharing (MPyC), threshold {t} of {m}: passive (semi-honest) "
     "adversary, honest majority",
@@ -245,6 +247,17 @@ def run_infer(**opts: Any) -> dict[str, Any]:
             f"--int-bits {int_bits} holds values below {2 ** (int_bits - 1)}, but the model's "
             f"inputs or layer outputs on --data reach {peak:.4g}: use --int-bits {need} or more"
         )
+    risk = None
+    if engine == "ring":
+        from modelshield.crypto.mpc.ring import wrap_risk
+
+        risk = wrap_risk(mpc_model.architecture.layers, peak, frac)
+        if risk > WRAP_RISK_WARN:
+            logger.warning(
+                "with --frac-bits %d and values up to %.4g, a sample's result is wrong with "
+                "probability up to %.2g (a truncation wraps around): use fewer --frac-bits",
+                frac, peak, risk,
+            )  # fmt: skip
     reveal = opts.get("reveal") or "label"
     common = [
         "--frac-bits", str(frac), "--int-bits", str(int_bits),
@@ -312,6 +325,8 @@ def run_infer(**opts: Any) -> dict[str, Any]:
         "wall_time": wall,
         "command": opts.get("command") or _command(),
     }
+    if risk is not None:
+        result["truncation_failure_bound_per_sample"] = risk
     if reveal == "logits":
         result["max_abs_error"] = float(np.abs(outputs - ref).max()) if n else 0.0
     if opts.get("transcripts"):

@@ -9,8 +9,10 @@ peer (MPyC, by contrast, unpickles what peers send).
 
 One reader thread per peer drains its socket into a queue, so two parties sending large
 messages to each other at once never deadlock on full socket buffers. A peer that closes
-its connection, or that sends nothing before the run's deadline, ends the run with
-:class:`~modelshield.crypto.mpc.engine.MPCError` (one line) instead of a hang.
+its connection, or that neither sends nor reads before the run's deadline, ends the run
+with :class:`~modelshield.crypto.mpc.engine.MPCError` (one line) instead of a hang; a
+party that stops sends the others its reason first, and whoever reads it reports that
+cause rather than the broken link.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ _HELLO = b"MSRING01"
 _HEADER = struct.Struct("<Q")
 _MAX_MESSAGE = 1 << 34
 """16 GiB: a length past this is a corrupt or foreign stream, not a real message."""
+_POLL = 1.0
+"""Seconds a socket operation waits before the deadline and the close flag are checked."""
 _ABORT = 1 << 63
 """A length with this bit set carries a party's reason for stopping (UTF-8), not data."""
 
@@ -69,7 +73,8 @@ class Peers:
         self._socks: dict[int, socket.socket] = {}
         self._inbox: dict[int, queue.Queue[bytes | _Abort | None]] = {}
         self._threads: list[threading.Thread] = []
-        self._closed = False
+        self._closed = threading.Event()
+        self._strays: list[str] = []
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -102,7 +107,13 @@ class Peers:
     def _remaining(self) -> float:
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise MPCError("the multi-party run timed out (a party may be unreachable or stopped)")
+            hint = (
+                f"; connections from {', '.join(sorted(set(self._strays)))} were not modelshield "
+                "ring-engine parties (do all parties run with the same --engine?)"
+                if self._strays
+                else " (a party may be unreachable or stopped)"
+            )
+            raise MPCError(f"the multi-party run timed out{hint}")
         return left
 
     def _dial(self, j: int) -> socket.socket:
@@ -134,20 +145,21 @@ class Peers:
             except (OSError, EOFError):
                 sock.close()
                 continue
-            j = struct.unpack("<I", hello[len(_HELLO) :])[0] if hello else -1
+            j = struct.unpack("<I", hello[len(_HELLO) :])[0]
             if not hello.startswith(_HELLO) or not self.pid < j < len(self.addresses):
+                # a scanner or a party of another engine: ignore it, keep waiting
+                logger.warning("party %d: ignored a connection from %s that is not a "
+                               "modelshield ring-engine party", self.pid, addr[0])  # fmt: skip
+                self._strays.append(str(addr[0]))
                 sock.close()
-                raise MPCError(
-                    f"a connection from {addr[0]} is not a modelshield ring-engine party "
-                    f"(do all parties run with the same --engine?)"
-                )
+                continue
             if j in self._socks:
                 sock.close()
                 raise MPCError(f"two connections claim to be party {j}")
             return j, sock
 
     def _adopt(self, j: int, sock: socket.socket) -> None:
-        sock.settimeout(None)
+        sock.settimeout(_POLL)  # every wait wakes up to check the deadline and close()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._socks[j] = sock
         inbox: queue.Queue[bytes | _Abort | None] = queue.Queue()
@@ -156,31 +168,57 @@ class Peers:
         t.start()
         self._threads.append(t)
 
-    @staticmethod
-    def _reader(sock: socket.socket, inbox: queue.Queue[bytes | _Abort | None]) -> None:
+    def _reader(self, sock: socket.socket, inbox: queue.Queue[bytes | _Abort | None]) -> None:
         try:
-            while True:
-                (n,) = _HEADER.unpack(_read_exact(sock, _HEADER.size))
+            while not self._closed.is_set():
+                (n,) = _HEADER.unpack(self._read(sock, _HEADER.size))
                 if n & _ABORT and n & ~_ABORT <= 4096:
-                    reason = _read_exact(sock, n & ~_ABORT).decode(errors="replace")
-                    inbox.put(_Abort(reason))
+                    inbox.put(_Abort(self._read(sock, n & ~_ABORT).decode(errors="replace")))
                     break
                 if n > _MAX_MESSAGE:
                     break
-                inbox.put(_read_exact(sock, n))
-        except (OSError, EOFError):
+                inbox.put(self._read(sock, n))
+        except Exception:  # a closed link, a malformed stream, memory: the peer is gone
             pass
-        inbox.put(None)  # the peer is gone
+        finally:
+            inbox.put(None)
+
+    def _read(self, sock: socket.socket, n: int) -> bytes:
+        """``n`` bytes (waiting as long as the link is open; an idle peer is not an error)."""
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                k = sock.recv_into(view[got:], n - got)
+            except TimeoutError:
+                if self._closed.is_set():
+                    raise EOFError from None
+                continue
+            if k == 0:
+                raise EOFError
+            got += k
+        return bytes(buf)
 
     # -- messages ------------------------------------------------------------------------
 
     def send(self, j: int, payload: bytes) -> None:
         """Send ``payload`` to party ``j`` (recorded under the current traffic phase)."""
-        try:
-            self._socks[j].sendall(_HEADER.pack(len(payload)) + payload)
-        except OSError:
-            raise MPCError(f"party {j} disconnected before the computation finished") from None
-        self.bytes_sent[j] += len(payload) + _HEADER.size
+        data = memoryview(_HEADER.pack(len(payload)) + payload)
+        sock, sent = self._socks[j], 0
+        while sent < len(data):
+            try:
+                sent += sock.send(data[sent:])
+            except TimeoutError:  # j reads nothing: give up at the deadline
+                if time.monotonic() >= self.deadline:
+                    raise MPCError(
+                        self._peer_reason() or f"party {j} stopped reading before the timeout"
+                    ) from None
+            except OSError:
+                raise MPCError(
+                    self._peer_reason() or f"party {j} disconnected before the computation finished"
+                ) from None
+        self.bytes_sent[j] += len(data)
         if self.traffic.record:
             self.traffic.messages.append((self.traffic.phase, j, bytes(payload)))
 
@@ -193,10 +231,21 @@ class Peers:
                 f"party {j} sent nothing before the timeout (it may be stopped or stuck)"
             ) from None
         if msg is None:
-            raise MPCError(f"party {j} disconnected before the computation finished")
+            raise MPCError(
+                self._peer_reason() or f"party {j} disconnected before the computation finished"
+            )
         if isinstance(msg, _Abort):
             raise MPCError(str(msg))
         return msg
+
+    def _peer_reason(self) -> str | None:
+        """The reason a peer gave for stopping, if one arrived (it names the first cause)."""
+        time.sleep(0.05)  # a reason sent just before the link broke may still be in flight
+        for inbox in self._inbox.values():
+            for item in list(inbox.queue):
+                if isinstance(item, _Abort):
+                    return str(item)
+        return None
 
     def send_tensor(self, j: int, t: torch.Tensor) -> None:
         self.send(j, t.contiguous().numpy().astype("<i8", copy=False).tobytes())
@@ -227,13 +276,13 @@ class Peers:
         data = reason.encode()[:4096]
         for s in self._socks.values():
             with contextlib.suppress(OSError):
-                s.sendall(_HEADER.pack(_ABORT | len(data)) + data)
+                s.sendall(_HEADER.pack(_ABORT | len(data)) + data)  # bounded by _POLL
 
     def close(self) -> None:
         """Close every link (idempotent)."""
-        if self._closed:
+        if self._closed.is_set():
             return
-        self._closed = True
+        self._closed.set()
         for s in self._socks.values():
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
@@ -241,6 +290,7 @@ class Peers:
 
 
 def _read_exact(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from a blocking (or timed) socket; EOFError if it closes first."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0

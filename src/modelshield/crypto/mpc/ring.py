@@ -51,6 +51,29 @@ def check_bits(frac_bits: int, int_bits: int) -> None:
         )
 
 
+def truncations_per_sample(layers: list[dict[str, Any]]) -> int:
+    """How many values one sample's forward pass truncates (affine/conv outputs, squares)."""
+    total = width = 0
+    for spec in layers:
+        if spec["kind"] in WEIGHTED:
+            conv = spec["kind"] == "conv"
+            width = int(np.prod(spec["out_shape"])) if conv else int(spec["out"])
+            total += width
+        elif spec["kind"] == "poly":
+            total += width if list(spec["coeffs"]) == [0.0, 0.0, 1.0] else 2 * width
+    return total
+
+
+def wrap_risk(layers: list[dict[str, Any]], peak: float, frac_bits: int) -> float:
+    """Bound on the chance that some truncation of one sample fails (SecureML's Lemma).
+
+    A value ``v`` truncated from scale ``2^2f`` is off by ``2^(64-f)`` when its two
+    halves wrap around, with probability about ``|v|·2^2f / 2^64``; ``peak`` bounds |v|.
+    """
+    per_value = min(1.0, float(peak) * 2.0 ** (2 * frac_bits) / 2.0**64)
+    return min(1.0, truncations_per_sample(layers) * per_value)
+
+
 # --------------------------------------------------------------------------------------
 # Layers on shares
 # --------------------------------------------------------------------------------------
@@ -339,6 +362,9 @@ def in_threads(fn: Callable[[Peers], Any], *, timeout: float = 120.0) -> list[An
         t.start()
     for t in threads:
         t.join(timeout + 5)
+    stuck = [i for i, t in enumerate(threads) if t.is_alive()]
+    if stuck:
+        raise MPCError(f"parties {stuck} did not finish within {timeout:g} s")
     for r in results:
         if isinstance(r, BaseException):
             raise r
