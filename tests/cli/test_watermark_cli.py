@@ -272,3 +272,50 @@ def test_one_line_errors(embedded: Embedded, bundle: Bundle, tmp_path: Path) -> 
     for d in "abc":
         assert not (tmp_path / d).exists()
     assert not (tmp_path / "k.json").exists()
+
+
+def test_a_model_on_normalised_inputs_is_marked_and_verified_through_mean_std(
+    tmp_path: Path,
+) -> None:
+    """--mean/--std: the data and the triggers reach the model normalised, as in every scan.
+
+    The model expects ``(x - 0.5) / 0.1``; on raw inputs its accuracy collapses, so a run
+    that ignored the options would report a low 'before' accuracy and a broken model."""
+    from torch import nn
+
+    train, test = load_dataset("digits").split(0.75, seed=0)
+    train.to_npz(tmp_path / "train.npz")
+    test.to_npz(tmp_path / "test.npz")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    xn = (train.x - 0.5) / 0.1
+    for _ in range(300):
+        i = torch.randint(0, len(train), (64,))
+        loss = nn.functional.cross_entropy(net(xn[i]), train.y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        assert (net(test.x).argmax(1) == test.y).float().mean() < 0.6  # raw inputs: broken
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    prog = torch.export.export(net, (test.x[:2],), dynamic_shapes=({0: batch},))  # type: ignore[attr-defined]
+    torch.export.save(prog, tmp_path / "model.pt2")
+    key, out = tmp_path / "key.json", tmp_path / "marked"
+    r = wm("embed", "--model", str(tmp_path / "model.pt2"), "--train-data",
+           str(tmp_path / "train.npz"), "--data", str(tmp_path / "test.npz"), "--key", str(key),
+           "--out", str(out), "--triggers", "30", "--epochs", "40", "--lr", "0.005",
+           "--mean", "0.5", "--std", "0.1")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "result.json").read_text())
+    assert res["clean_accuracy_before"] > 0.85, res
+    assert res["verified"] and res["clean_accuracy_after"] >= res["clean_accuracy_before"] - 0.05
+    # the saved model keeps its input contract: it still expects normalised inputs
+    marked = load_model(out / "model.pt2", input_shape=(1, 8, 8), mean=0.5, std=0.1)
+    assert marked.classifier is not None
+    assert marked.classifier.accuracy(test.x, test.y) >= res["clean_accuracy_after"] - 1e-6
+    v = wm("verify", "--model", str(out / "model.pt2"), "--key", str(key), "--out",
+           str(tmp_path / "v"), "--mean", "0.5", "--std", "0.1")  # fmt: skip
+    assert v.returncode == 0, v.stderr
+    assert json.loads((tmp_path / "v" / "result.json").read_text())["verified"]

@@ -53,6 +53,12 @@ def watermark_group() -> None:
 @watermark_training_options("Significance of the verification run on the marked model.")
 @click.option("--bounds", default="0,1", show_default=True, help="Input value range LOW,HIGH.")
 @click.option(
+    "--mean",
+    help="Per-channel normalisation mean the model expects (applied to data and triggers), "
+    "e.g. 0.49,0.48,0.45.",
+)
+@click.option("--std", help="Per-channel normalisation std, e.g. 0.25,0.24,0.26.")
+@click.option(
     "--seed",
     type=int,
     default=0,
@@ -114,6 +120,12 @@ def embed_cmd(**opts: Any) -> None:
     help="Verified when the p-value is below this.",
 )
 @click.option("--arch", help="Architecture for a state_dict --model.")
+@click.option(
+    "--mean",
+    help="Per-channel normalisation mean the model expects (applied to the triggers), "
+    "e.g. 0.49,0.48,0.45.",
+)
+@click.option("--std", help="Per-channel normalisation std, e.g. 0.25,0.24,0.26.")
 @click.option(
     "--trust-pickle",
     is_flag=True,

@@ -75,6 +75,18 @@ class Classifier:
             x = x / self._std.to(x.dtype)
         return x
 
+    def trainable(self) -> nn.Module:
+        """The module behind this adapter's normalisation, as one ``nn.Module`` for training.
+
+        It shares the module's parameters, so training it trains ``self.module`` in place;
+        save ``self.module`` (whose input contract is unchanged), not the wrapper.
+        """
+        if self._mean is None and self._std is None:
+            if not isinstance(self.module, nn.Module):
+                raise UnsupportedModelError(f"cannot train a {type(self.module).__name__}")
+            return self.module
+        return _Normalised(self)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch ``x`` of shape ``(N, *input_shape)``; differentiable."""
         out = self.module(self.preprocess(x))
@@ -174,3 +186,17 @@ def from_torch(
         device=device,
         name=name,
     )
+
+
+class _Normalised(nn.Module):
+    """``module((x - mean) / std)``: a classifier's module with its adapter's normalisation."""
+
+    def __init__(self, clf: Classifier) -> None:
+        super().__init__()
+        if not isinstance(clf.module, nn.Module):
+            raise UnsupportedModelError(f"cannot train a {type(clf.module).__name__}")
+        self.inner = clf.module
+        self._preprocess = clf.preprocess
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self._preprocess(x))

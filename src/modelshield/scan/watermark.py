@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from modelshield.core.classifier import from_torch
 from modelshield.core.errors import InvalidConfigError, UnsupportedModelError
 from modelshield.core.io import atomic_write_json
 from modelshield.core.loading import LoadedModel, build_arch, check_fits, load_model
@@ -147,6 +148,8 @@ def _start_module(
             arch=opts.get("arch"),
             input_shape=input_shape,
             bounds=opts["bounds"],
+            mean=opts.get("mean"),
+            std=opts.get("std"),
             device=device,
         )
         if loaded.classifier is None or not hasattr(loaded.classifier.module, "parameters"):
@@ -161,6 +164,29 @@ def _start_module(
         )
     module = build_arch(opts["arch"], input_shape=input_shape, num_classes=num_classes)
     return module.to(device), None
+
+
+def normalised(
+    module: Any, opts: dict[str, Any], input_shape: tuple[int, ...], num_classes: int, device: Any
+) -> Any:
+    """``module`` behind ``--mean/--std`` (when given) for training on raw inputs.
+
+    The trigger set and the data are in input space; a model that expects normalised
+    inputs must see them normalised, as every classifier of this project does. The
+    wrapper shares ``module``'s parameters: save ``module`` itself afterwards.
+    """
+    if opts.get("mean") is None and opts.get("std") is None:
+        return module
+    clf = from_torch(
+        module,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        bounds=opts["bounds"],
+        mean=opts.get("mean"),
+        std=opts.get("std"),
+        device=device,
+    )
+    return clf.trainable()
 
 
 def run_watermark_embed(**opts: Any) -> dict[str, Any]:
@@ -186,7 +212,7 @@ def run_watermark_embed(**opts: Any) -> dict[str, Any]:
         kind=opts.get("trigger_kind"),
     )
     outcome = embed_and_evaluate(
-        module,
+        normalised(module, opts, train.input_shape, num_classes, device),
         train.x.to(device),
         train.y.to(device),
         key,
@@ -200,7 +226,7 @@ def run_watermark_embed(**opts: Any) -> dict[str, Any]:
         seed=opts["seed"],
     )
     out = Path(opts["out"])
-    blobs = _serialize(outcome.module, train.x)
+    blobs = _serialize(module, train.x)  # trained in place (through the normalising wrapper)
     main_file = "model.pt2" if "model.pt2" in blobs else "model.pt"
     sha = hashlib.sha256(blobs[main_file]).hexdigest()
     key = key.with_model(sha)
@@ -259,6 +285,8 @@ def run_watermark_verify(**opts: Any) -> dict[str, Any]:
                 input_shape=key.input_shape,
                 num_classes=key.num_classes if opts.get("arch") else None,
                 bounds=key.bounds,
+                mean=opts.get("mean"),
+                std=opts.get("std"),
                 device=device,
             )
         except UnsupportedModelError as exc:

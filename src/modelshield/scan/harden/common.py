@@ -235,11 +235,23 @@ def open_run(
     )
 
 
-def train_baseline(module: nn.Module, train: Dataset, *, device: Any, **settings: Any) -> nn.Module:
+def train_baseline(
+    module: nn.Module,
+    train: Dataset,
+    *,
+    device: Any,
+    through: Callable[[nn.Module], nn.Module] | None = None,
+    **settings: Any,
+) -> nn.Module:
     """A copy of ``module`` trained on ``train`` without the defence (``settings``: those
-    of :func:`train_classifier`): the "before" model of a run that trains from scratch."""
+    of :func:`train_classifier`): the "before" model of a run that trains from scratch.
+
+    ``through`` wraps the copy for training (e.g. behind ``--mean/--std``); the copy
+    itself is returned.
+    """
     baseline = copy.deepcopy(module)
-    train_classifier(baseline, train.x, train.y, device=device, **settings)
+    trained = through(baseline) if through is not None else baseline
+    train_classifier(trained, train.x, train.y, device=device, **settings)
     return baseline
 
 

@@ -32,7 +32,7 @@ from modelshield.scan.harden.common import (
 from modelshield.scan.harden.dp import _accuracy_result
 from modelshield.scan.probe.watermark import verify_with_key
 from modelshield.scan.rubric import harden_command
-from modelshield.scan.watermark import _check_significance, _start_module
+from modelshield.scan.watermark import _check_significance, _start_module, normalised
 from modelshield.watermark.embed import embed_and_evaluate
 from modelshield.watermark.key import WatermarkKey, check_key_destination, staged_key_file
 
@@ -73,6 +73,8 @@ def harden_watermark(**opts: Any) -> HardenOutcome:
             input_shape=train.input_shape,
             num_classes=num_classes,
             bounds=opts["bounds"],
+            mean=opts.get("mean"),
+            std=opts.get("std"),
             device=device,
         )
 
@@ -84,6 +86,7 @@ def harden_watermark(**opts: Any) -> HardenOutcome:
             module,
             train,
             device=device,
+            through=lambda m: normalised(m, opts, train.input_shape, num_classes, device),
             epochs=opts["epochs"],
             lr=opts["lr"],
             batch_size=opts["batch_size"],
@@ -100,7 +103,7 @@ def harden_watermark(**opts: Any) -> HardenOutcome:
 
     before = side("before", before_clf, before_sha)
     outcome = embed_and_evaluate(
-        module,
+        normalised(module, opts, train.input_shape, num_classes, device),
         train.x.to(device),
         train.y.to(device),
         key,
@@ -113,7 +116,7 @@ def harden_watermark(**opts: Any) -> HardenOutcome:
         from_scratch=loaded is None,
         seed=opts["seed"],
     )
-    blobs = _serialize(outcome.module, train.x)
+    blobs = _serialize(module, train.x)  # trained in place (through the normalising wrapper)
     main_file = "model.pt2" if "model.pt2" in blobs else "model.pt"
     sha = hashlib.sha256(blobs[main_file]).hexdigest()
     key = key.with_model(sha)
@@ -126,6 +129,8 @@ def harden_watermark(**opts: Any) -> HardenOutcome:
             input_shape=train.input_shape,
             num_classes=num_classes if main_file == "model.pt" else None,
             bounds=opts["bounds"],
+            mean=opts.get("mean"),
+            std=opts.get("std"),
             device=device,
         )
         if marked.classifier is None:  # pragma: no cover - we wrote a torch model
