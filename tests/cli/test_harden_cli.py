@@ -184,6 +184,20 @@ def test_harden_gateway_cuts_the_stolen_copy_and_serves_its_config(
     assert before["queries_answered"] == 250 and after["queries_answered"] <= 60
     assert after["fidelity"] < before["fidelity"] - 0.1
     assert "refused" in probes["extraction-after"]["flags"]
+    # a Sybil attacker with 5 API keys gets 5 x 60 answers: the per-client budget no longer
+    # holds the copy back, and the report says how many identities it took
+    sybil = tmp_path / "sybil"
+    r = run_cli(
+        "harden", "gateway", "--model", str(digits["model"]), "--data", str(digits["test"]),
+        "--defense", "label-only", "--defense", "budget=60", "--queries", "250",
+        "--identities", "5", "--out", str(sybil),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    s_probes = _report(sybil)
+    _, s_after = _sides(s_probes)
+    assert s_after["queries_answered"] == 250 and s_after["identities_used"] == 5
+    assert s_after["fidelity"] > after["fidelity"]
+    assert "5 client identities" in s_probes["hardening"]["meaning"]
 
 
 @pytest.mark.network

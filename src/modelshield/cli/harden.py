@@ -207,6 +207,15 @@ def harden_poison_removal_cmd(**opts: Any) -> None:
     show_default=True,
     help="Largest batch one request may send (written to the config).",
 )
+@click.option(
+    "--identities",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Client identities (API keys) the simulated attacker holds: when one is refused it "
+    "goes on with the next (a Sybil attacker), which per-client budgets and detectors "
+    "only slow down.",
+)
 @harden_run_options(
     "Writes gateway.json (for 'modelshield serve --config'), result.json, report.html/json."
 )

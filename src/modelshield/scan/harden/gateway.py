@@ -6,8 +6,10 @@ budgets, rate limits, the PRADA detector of Juuti et al. 2019, the ``ood`` detec
 probe's Knockoff attacker (Orekondy et al. 2019) queries an in-process
 :class:`~modelshield.serve.app.Gateway` as one client: before, a gateway without defences;
 after, the defended one. A rate limit is waited out on a simulated clock (the report
-gives the attacker's time); a refusal ends the attack, and the copy is trained on the
-answers received until then. The output is ``gateway.json``, which
+gives the attacker's time). A refused request is split until the rows a budget still
+allows are answered; a refusal of a single row ends the attack, unless the attacker
+holds more client identities (``--identities``, a Sybil attacker): it then goes on as
+the next one. The copy is trained on the answers received until the end. The output is ``gateway.json``, which
 ``modelshield serve --config`` loads.
 """
 
@@ -48,17 +50,22 @@ CONFIG_FORMAT = "modelshield-gateway"
 CONFIG_VERSION = 1
 ATTACKER = "attacker"
 MAX_WAITS = 1_000_000
+MAX_LOGGED = 20
+"""Refusals kept word for word in the report (all are counted)."""
 
 
 class GatewayOracle(Oracle):
     """One client of an in-process gateway, seen as an :class:`Oracle`.
 
-    Rate-limit refusals (429) are waited out on a simulated clock the gateway reads; any
-    other refusal raises :class:`OracleError`. Every answered row is recorded, so an
-    attack cut short can be replayed on what it received (:class:`ReplayOracle`).
+    Rate-limit refusals (429) are waited out on a simulated clock the gateway reads. A
+    refused request is split in halves and retried (a budget may still cover part of it);
+    a refused single row moves to the next of ``identities`` client names (a Sybil
+    attacker with several API keys), and :class:`OracleError` is raised once none is left. Every answered
+    row is recorded, so an attack cut short can be replayed on what it received
+    (:class:`ReplayOracle`).
     """
 
-    def __init__(self, gateway: Any, client: str = ATTACKER) -> None:
+    def __init__(self, gateway: Any, client: str = ATTACKER, identities: int = 1) -> None:
         self.raw_output = "label" if gateway.labels_only else "probs"
         backend = gateway.backend
         super().__init__(
@@ -69,6 +76,10 @@ class GatewayOracle(Oracle):
         )
         self.gateway = gateway
         self.client = client
+        self.identities = int(identities)
+        self.clients = [client]
+        self.refusals: list[str] = []
+        self.refused_requests = 0
         self.now = 0.0
         self.waited = 0.0
         gateway.clock = lambda: self.now
@@ -81,6 +92,28 @@ class GatewayOracle(Oracle):
         return sum(len(x) for x in self.xs)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Answers for ``x``; a refused request is split in halves (a budget may still
+        cover part of it), and a refused single row moves to the next identity."""
+        from modelshield.serve.defenses import Rejection
+
+        try:
+            return self._ask(x)
+        except Rejection as r:
+            self.refused_requests += 1
+            if len(self.refusals) < MAX_LOGGED:
+                self.refusals.append(f"{self.client}: HTTP {r.status} {r.code}: {r}")
+            if len(x) > 1:
+                half = len(x) // 2
+                return torch.cat([self._forward(x[:half]), self._forward(x[half:])])
+            if len(self.clients) < self.identities:  # a fresh identity, the same query
+                self.client = f"{self.clients[0]}-{len(self.clients) + 1}"
+                self.clients.append(self.client)
+                return self._forward(x)
+            self.refused = f"HTTP {r.status} {r.code}: {r}"
+            raise OracleError(f"the gateway refused the attacker: {r}") from None
+
+    def _ask(self, x: torch.Tensor) -> torch.Tensor:
+        """One request as the current client; rate limits (429) are waited out."""
         from modelshield.serve.defenses import Rejection
 
         for _ in range(MAX_WAITS):
@@ -91,8 +124,7 @@ class GatewayOracle(Oracle):
                     self.now += float(r.retry_after)
                     self.waited += float(r.retry_after)
                     continue
-                self.refused = f"HTTP {r.status} {r.code}: {r}"
-                raise OracleError(f"the gateway refused the attacker: {r}") from None
+                raise
             self.now += 1e-3  # time moves on between requests
             out = answer.outputs.long() if answer.labels else answer.outputs.float()
             self.xs.append(x.detach().cpu())
@@ -190,6 +222,7 @@ def harden_gateway(**opts: Any) -> HardenOutcome:
             "data_sha256": data.describe().get("sha256"),
             "defenses": specs,
             "queries": budget,
+            "identities": int(opts.get("identities") or 1),
             "profile": opts["profile"],
             "seed": opts["seed"],
         },
@@ -202,7 +235,7 @@ def harden_gateway(**opts: Any) -> HardenOutcome:
         if done is not None:
             return done
         gateway = Gateway(Backend(clf), defended, max_batch=opts["max_batch"])
-        oracle = GatewayOracle(gateway)
+        oracle = GatewayOracle(gateway, identities=int(opts.get("identities") or 1))
         options = {"extraction_queries": budget}
         try:
             result = cmp.measure(
@@ -215,7 +248,11 @@ def harden_gateway(**opts: Any) -> HardenOutcome:
             "answered": oracle.answered,
             "refused": oracle.refused,
             "simulated_wait_s": oracle.waited,
-            "stats": gateway.stats()["clients"].get(ATTACKER),
+            "identities": oracle.identities,
+            "identities_used": len(oracle.clients),
+            "refusals": oracle.refusals,
+            "refused_requests": oracle.refused_requests,
+            "stats": {c: gateway.stats()["clients"].get(c) for c in oracle.clients},
         }
         return cmp.keep(_strip_side(result, name), name)
 
@@ -305,6 +342,11 @@ def _summary(
             f"; behind the gateway ({', '.join(specs)}) "
             + (f"on {fa:.1%}" if fa is not None else "no copy could be trained")
             + f", with {qa} queries answered"
+            + (
+                f" to {ga['identities_used']} client identities"
+                if ga.get("identities_used", 1) > 1
+                else ""
+            )
             + (f" (refused: {ga['refused']})" if ga["refused"] else "")
             + (f" and {wait:,.0f} s spent waiting out the rate limit" if wait else "")
             + "."
@@ -329,6 +371,7 @@ def _summary(
             ("copy accuracy", before.details.get("accuracy"), after.details.get("accuracy")),
             ("queries answered", gb["answered"], qa),
             ("attacker wait s", gb["simulated_wait_s"], wait),
+            ("identities used", gb.get("identities_used", 1), ga.get("identities_used", 1)),
         ],
         figure={"name": f"copy fidelity after, at {budget} queries", "value": fa},
         grade=grade,
@@ -336,6 +379,10 @@ def _summary(
         meaning=meaning,
         recommendation=advice,
         seed=opts["seed"],
-        config={"defenses": specs, "queries": budget},
-        details={"refused": ga["refused"]},
+        config={
+            "defenses": specs,
+            "queries": budget,
+            "identities": int(opts.get("identities") or 1),
+        },
+        details={"refused": ga["refused"], "identities_used": ga.get("identities_used", 1)},
     )
