@@ -204,3 +204,24 @@ def kill_one_mid_run(procs: list[subprocess.Popen[bytes]]) -> None:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def check_labels(run_local: Callable[..., np.ndarray], n: int = 40) -> tuple[np.ndarray, int]:
+    """Secure labels of a ReLU net vs its argmax (where the margin beats fixed point), and
+    ``logit > 0`` for one output; returns the random inputs and the seed."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    net, shape = make_net("relu", seed)
+    x = np.random.default_rng(seed).random((n, 10))
+    model = compile_model(net, shape)
+    ref = model.forward(x)
+    labels = run_local(model, x, reveal="label").reshape(-1)
+    margin = np.sort(ref, axis=1)[:, -1] - np.sort(ref, axis=1)[:, -2]
+    clear = margin > 1e-3  # ties closer than the fixed-point error may go either way
+    assert clear.sum() > n // 2 and (labels[clear] == ref.argmax(1)[clear]).all(), seed
+    torch.manual_seed(seed)
+    one = compile_model(nn.Sequential(nn.Linear(10, 1)).eval(), (10,))
+    z = one.forward(x)[:, 0]
+    got = run_local(one, x, reveal="label").reshape(-1)
+    ok = np.abs(z) > 1e-3
+    assert (got[ok] == (z[ok] > 0)).all(), seed
+    return x, seed

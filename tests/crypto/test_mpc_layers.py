@@ -21,7 +21,7 @@ if importlib.util.find_spec("mpyc") is None:  # not importorskip: MPyC parses sy
 from modelshield.core.errors import UnsupportedModelError
 from modelshield.crypto.mpc.engine import run_local
 from modelshield.crypto.mpc.model import compile_model, load_mpc_model
-from tests.crypto.mpc_helpers import LAYERS, layer_error, make_net
+from tests.crypto.mpc_helpers import LAYERS, check_labels, layer_error, make_net
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
@@ -31,23 +31,7 @@ def test_layer_matches_plaintext(name: str) -> None:
 
 
 def test_argmax_and_threshold_labels() -> None:
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    net, shape = make_net("relu", seed)
-    x = np.random.default_rng(seed).random((40, 10))
-    model = compile_model(net, shape)
-    ref = model.forward(x)
-    labels = run_local(model, x, reveal="label").reshape(-1)
-    margin = np.sort(ref, axis=1)[:, -1] - np.sort(ref, axis=1)[:, -2]
-    clear = margin > 1e-3  # ties closer than the fixed-point error may go either way
-    assert (labels[clear] == ref.argmax(1)[clear]).all()
-    # one output: the label is logit > 0
-    torch.manual_seed(seed)
-    one = nn.Sequential(nn.Linear(10, 1)).eval()
-    m1 = compile_model(one, (10,))
-    z = m1.forward(x)[:, 0]
-    got = run_local(m1, x, reveal="label").reshape(-1)
-    ok = np.abs(z) > 1e-3
-    assert (got[ok] == (z[ok] > 0)).all()
+    check_labels(run_local)
 
 
 def test_more_fractional_bits_less_error() -> None:

@@ -36,6 +36,7 @@ from tests.conftest import run_cli
 from tests.crypto.mpc_helpers import (
     LAYERS,
     DigitsRun,
+    check_labels,
     digits_run,
     kill_one_mid_run,
     layer_error,
@@ -117,15 +118,7 @@ def test_layer_matches_plaintext(name: str) -> None:
 
 
 def test_labels_are_the_first_maximum_and_the_threshold() -> None:
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    net, shape = make_net("relu", seed)
-    x = np.random.default_rng(seed).random((60, 10))
-    model = compile_model(net, shape)
-    ref = model.forward(x)
-    labels = run_local(model, x, reveal="label").reshape(-1)
-    margin = np.sort(ref, axis=1)[:, -1] - np.sort(ref, axis=1)[:, -2]
-    clear = margin > 1e-3  # ties closer than the fixed-point error may go either way
-    assert clear.sum() > 40 and (labels[clear] == ref.argmax(1)[clear]).all()
+    x, seed = check_labels(run_local, n=60)
     # tied classes (same weights) differ by the truncation's ulp: either may win
     tie = nn.Linear(10, 5)
     with torch.no_grad():
@@ -138,12 +131,6 @@ def test_labels_are_the_first_maximum_and_the_threshold() -> None:
     z = torch.from_numpy(rng.integers(-4, 4, (300, 7), dtype=np.int64)) << 16
     got_z = _opened(three_parties(lambda p: p.open_to(1, secure_labels(p, _shared_from_0(p, z)))))
     assert torch.equal(got_z, z.argmax(1)), "ties must go to the first maximum"
-    # one output: the label is logit > 0
-    one = compile_model(nn.Sequential(nn.Linear(10, 1)).eval(), (10,))
-    z = one.forward(x)[:, 0]
-    got = run_local(one, x, reveal="label").reshape(-1)
-    ok = np.abs(z) > 1e-3
-    assert (got[ok] == (z[ok] > 0)).all()
 
 
 def test_more_fractional_bits_less_error() -> None:
