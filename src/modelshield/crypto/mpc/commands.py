@@ -38,6 +38,7 @@ from modelshield.crypto.mpc.engine import (
 logger = logging.getLogger(__name__)
 
 MIN_PARTIES = 3
+"""Shamir with threshold ``(m-1)//2`` hides inputs from one party only when ``m ≥ 3``."""
 WRAP_RISK_WARN = 1e-4
 """Warn when a ring-engine truncation may spoil more than one sample in 10^4."""
 SECURITY = {
@@ -46,7 +47,6 @@ SECURITY = {
     "ring": "replicated secret sharing over Z_2^64 (ABY3-style, modelshield ring engine), "
     "3 parties, any 1 corrupted: passive (semi-honest) adversary, honest majority",
 }
-"""Shamir with threshold ``(m-1)//2`` hides inputs from one party only when ``m ≥ 3``."""
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
