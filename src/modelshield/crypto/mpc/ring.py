@@ -218,8 +218,11 @@ def infer(
     if "error" in arch:
         raise MPCError(arch["error"])
     roles = [m.get("role") for m in metas]
-    fb, ib, bs = int(dmeta["frac_bits"]), int(dmeta["int_bits"]), int(dmeta["batch_size"])
-    rv = str(dmeta["reveal"])  # the data owner's settings hold for every party
+    try:  # the data owner's settings hold for every party
+        fb, ib, bs = int(dmeta["frac_bits"]), int(dmeta["int_bits"]), int(dmeta["batch_size"])
+        n, dim, rv = int(dmeta["n"]), int(dmeta["input_dim"]), str(dmeta["reveal"])
+    except (KeyError, TypeError, ValueError):
+        raise MPCError(f"party {dp} (data) sent malformed settings: {dmeta}") from None
     check_bits(fb, ib)
     t0 = time.perf_counter()
     with tr.during("keys"):
@@ -236,7 +239,6 @@ def infer(
             )
     outputs: list[np.ndarray] = []
     batch_seconds: list[float] = []
-    n, dim = int(dmeta["n"]), int(dmeta["input_dim"])
     for start in range(0, n, bs):
         tb = time.perf_counter()
         rows = min(bs, n - start)
