@@ -50,6 +50,7 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).parent / "results" / "mpc_training.json"
     )
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--engines", default="ring,mpyc", help="engines to run, comma-separated")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     results: dict[str, Any] = {
@@ -62,18 +63,21 @@ def main() -> None:
     keep = (
         "accuracy", "plaintext_accuracy", "plaintext_same_algorithm_accuracy",
         "max_weight_error", "training_seconds", "plaintext_training_seconds", "bytes_sent",
-        "shards", "epochs", "lr", "frac_bits", "parties", "roles",
+        "shards", "epochs", "lr", "frac_bits", "parties", "roles", "engine",
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         paths, heldout = shards(d)
-        for kind, lr in (("logistic", 1.0), ("linear", 0.5)):
-            r = run_train(
-                data=",".join(map(str, paths)), model=kind, parties=3, epochs=args.epochs,
-                lr=lr, test=str(heldout), out=str(d / kind),
-            )  # fmt: skip
-            results["runs"][kind] = {k: r[k] for k in keep}
-            logger.info("%s: %s", kind, json.dumps(results["runs"][kind]))
+        for engine in args.engines.split(","):
+            for kind, lr in (("logistic", 1.0), ("linear", 0.5)):
+                r = run_train(
+                    data=",".join(map(str, paths)), model=kind, parties=3, epochs=args.epochs,
+                    lr=lr, test=str(heldout), out=str(d / f"{engine}-{kind}"), engine=engine,
+                )  # fmt: skip
+                results["runs"][f"{engine}/{kind}"] = {k: r[k] for k in keep}
+                logger.info(
+                    "%s/%s: %s", engine, kind, json.dumps(results["runs"][f"{engine}/{kind}"])
+                )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     logger.info("wrote %s", args.out)

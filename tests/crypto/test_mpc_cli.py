@@ -214,15 +214,17 @@ def _shards(tmp_path: Path) -> tuple[list[Path], Path]:
     return paths, tmp_path / "heldout.npz"
 
 
-def test_joint_training_matches_pooled_plaintext(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["ring", "mpyc"])
+def test_joint_training_matches_pooled_plaintext(tmp_path: Path, engine: str) -> None:
     paths, heldout = _shards(tmp_path)
     out = tmp_path / "train"
     r = run_cli("mpc", "train", "--data", ",".join(map(str, paths)), "--model", "logistic",
                 "--parties", "3", "--epochs", "10", "--test", str(heldout), "--out", str(out),
-                "--transcripts")  # fmt: skip
+                "--engine", engine, "--transcripts")  # fmt: skip
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "result.json").read_text())
     assert res["roles"] == ["data", "data", "compute"] and res["shards"] == [200, 255]
+    assert res["engine"] == engine
     # the shares reproduce the same algorithm run in plaintext on the pooled data ...
     assert res["max_weight_error"] < 0.02, res
     assert res["accuracy"] == pytest.approx(res["plaintext_same_algorithm_accuracy"], abs=0.02)

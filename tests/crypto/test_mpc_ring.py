@@ -145,15 +145,40 @@ def test_more_fractional_bits_less_error() -> None:
 
 def test_engine_choice_and_ring_limits() -> None:
     assert resolve_engine("auto", 3) == "ring" and resolve_engine("auto", 5) == "mpyc"
-    assert resolve_engine("auto", 3, "train") == "mpyc"
+    assert resolve_engine("mpyc", 3) == "mpyc"
     with pytest.raises(InvalidConfigError, match="exactly 3 parties"):
         resolve_engine("ring", 4)
-    with pytest.raises(InvalidConfigError, match="inference only"):
-        resolve_engine("ring", 3, "train")
     from modelshield.crypto.mpc.ring import check_bits
 
     with pytest.raises(InvalidConfigError, match="2·frac-bits \\+ int-bits"):
         check_bits(24, 16)
+
+
+@pytest.mark.parametrize(("kind", "lr"), [("logistic", 1.0), ("linear", 0.5)])
+def test_training_reproduces_the_plaintext_algorithm(kind: str, lr: float) -> None:
+    """Two data parties and a compute party; every party gets the same weights."""
+    from modelshield.crypto.mpc.ring_train import train
+    from modelshield.crypto.mpc.train import plaintext_gd
+
+    rng = np.random.default_rng()
+    x = rng.random((150, 6))
+    y = (x @ rng.normal(size=6) > 0.5 * rng.normal(size=6).sum()).astype(np.int64)
+    shards = [(x[:60], y[:60]), (x[60:], y[60:])]
+    roles: list[dict[str, Any]] = [
+        {"role": "data", "xy": shards[0]},
+        {"role": "data", "xy": shards[1]},
+        {"role": "compute"},
+    ]
+    res = in_threads(
+        lambda net: train(
+            net, frac_bits=16, int_bits=16, epochs=20, lr=lr, kind=kind, **roles[net.pid]
+        )
+    )
+    ref_w, ref_b = plaintext_gd(shards, epochs=20, lr=lr, kind=kind, link="hard")
+    w, b = res[0]["weights"]["w"], res[0]["weights"]["b"][0]
+    assert np.abs(w - ref_w).max() < 2e-3 and abs(b - ref_b) < 2e-3, (w, ref_w)
+    assert all(np.array_equal(r["weights"]["w"], w) for r in res)
+    assert res[2]["shards"] == [60, 90] and res[2]["engine"] == "ring"
 
 
 # --------------------------------------------------------------------------------------

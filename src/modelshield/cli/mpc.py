@@ -39,7 +39,7 @@ _ENGINE = click.option(
     default="auto",
     show_default=True,
     help="ring: 3-party replicated sharing over Z_2^64 (fast); mpyc: Shamir (MPyC), any "
-    "number of parties; auto: ring for 3-party inference, else mpyc. All parties must agree.",
+    "number of parties; auto: ring for 3 parties, else mpyc. All parties must agree.",
 )
 _TRANSCRIPT = click.option(
     "--transcripts",
@@ -54,8 +54,8 @@ def mpc_group() -> None:
     """Secure multi-party computation: parties exchange only secret shares.
 
     \b
-    Engines: ring (3 parties, replicated sharing over Z_2^64; default for inference) and
-    mpyc (Shamir with MPyC, any number of parties; joint training).
+    Engines: ring (3 parties, replicated sharing over Z_2^64; the default for 3) and
+    mpyc (Shamir with MPyC, any number of parties).
     Security: honest majority (3 or more parties, at most (m-1)//2 colluding), passive
     (semi-honest) adversaries. Revealed: the outputs to the data owner; shapes and the
     architecture to every party.
@@ -160,6 +160,7 @@ def infer_cmd(**opts: Any) -> None:
 @_BOUNDS
 @_FRAC
 @_INT
+@_ENGINE
 @_TRANSCRIPT
 @_TIMEOUT
 def train_cmd(**opts: Any) -> None:

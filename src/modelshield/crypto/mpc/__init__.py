@@ -3,9 +3,9 @@
 A model owner and a data owner (or several data owners) compute a result neither could
 compute alone, as separate processes that exchange only secret shares over TCP:
 
-- two engines: ``ring`` (:mod:`.rss`, :mod:`.ring`, :mod:`.net`), replicated secret
-  sharing over Z_2^64 on torch int64 for 3-party inference (ABY3-style), and ``mpyc``
-  (:mod:`.engine`), Shamir sharing with MPyC for any number of parties and for training;
+- two engines: ``ring`` (:mod:`.rss`, :mod:`.ring`, :mod:`.ring_train`, :mod:`.net`),
+  replicated secret sharing over Z_2^64 on torch int64 for 3 parties (ABY3-style), and
+  ``mpyc`` (:mod:`.engine`, :mod:`.train`), Shamir sharing with MPyC, any number of parties;
 - secret-shared inference: the model owner shares the weights of the
   model's layer list (:mod:`.model`), the data owner its inputs; every party computes
   affine layers, ReLU (secure comparison), polynomial activations and argmax in fixed

@@ -363,7 +363,6 @@ def _plain_time(module: Any, x: np.ndarray, shape: tuple[int, ...]) -> float:
 
 def run_train(**opts: Any) -> dict[str, Any]:
     """``mpc train``: each data file is one party's horizontal shard; train in MPC."""
-    require_mpyc()
     from modelshield.core.data import load_dataset
     from modelshield.crypto.mpc.train import KINDS, plaintext_gd, predict
 
@@ -376,6 +375,9 @@ def run_train(**opts: Any) -> dict[str, Any]:
     m = max(int(opts.get("parties") or MIN_PARTIES), len(paths))
     if m < MIN_PARTIES:
         raise InvalidConfigError(f"--parties must be ≥ {MIN_PARTIES}, got {m}")
+    engine = resolve_engine(opts.get("engine"), m)
+    if engine == "mpyc":
+        require_mpyc()
     bounds = opts.get("bounds") or (0.0, 1.0)
     shards = []
     for p in paths:
@@ -386,7 +388,7 @@ def run_train(**opts: Any) -> dict[str, Any]:
     common = [
         "--task", "train", "--kind", kind, "--epochs", str(epochs), "--lr", repr(lr),
         "--frac-bits", str(frac), "--int-bits", str(int(opts.get("int_bits") or DEFAULT_INT_BITS)),
-        "--bounds", f"{bounds[0]},{bounds[1]}",
+        "--bounds", f"{bounds[0]},{bounds[1]}", "--engine", engine,
     ]  # fmt: skip
     if opts.get("transcripts"):
         common.append("--transcript")
@@ -416,6 +418,7 @@ def run_train(**opts: Any) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": kind,
         "parties": m,
+        "engine": engine,
         "roles": [s.role for s in specs],
         "shards": [len(s[1]) for s in shards],
         "epochs": epochs,
@@ -434,8 +437,7 @@ def run_train(**opts: Any) -> dict[str, Any]:
         "uses the exact sigmoid"
         if kind == "logistic"
         else "identity (least squares)",
-        "security": "Shamir secret sharing (MPyC), threshold "
-        f"{(m - 1) // 2} of {m}: passive (semi-honest) adversary, honest majority",
+        "security": SECURITY[engine].format(t=(m - 1) // 2, m=m),
         "revealed": "the final weights to every party; shard sizes and the feature count",
         "weights": str(out / "model.npz"),
         "wall_time": wall,

@@ -39,8 +39,8 @@ DEFAULT_FRAC_BITS = 16
 DEFAULT_INT_BITS = 16
 ENGINES = ("auto", "ring", "mpyc")
 """``ring``: three-party replicated sharing over Z_2^64 (:mod:`.rss`); ``mpyc``: Shamir
-over a prime field with MPyC, any number of parties; ``auto``: ring for three-party
-inference, MPyC otherwise."""
+over a prime field with MPyC, any number of parties; ``auto``: ring for three parties,
+MPyC otherwise."""
 WEIGHTED = ("affine", "conv")
 """Layer kinds whose weights the model owner secret-shares."""
 
@@ -60,15 +60,13 @@ def _mpyc_argv(argv: Sequence[str] = ()) -> Iterator[None]:
         sys.argv = saved
 
 
-def resolve_engine(engine: str | None, parties: int, task: str = "infer") -> str:
+def resolve_engine(engine: str | None, parties: int) -> str:
     """The engine a run uses: ``ring`` or ``mpyc`` (see :data:`ENGINES`)."""
     engine = engine or "auto"
     if engine not in ENGINES:
         raise InvalidConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "auto":
-        return "ring" if parties == 3 and task == "infer" else "mpyc"
-    if engine == "ring" and task != "infer":
-        raise InvalidConfigError("the ring engine runs inference only; train with --engine mpyc")
+        return "ring" if parties == 3 else "mpyc"
     if engine == "ring" and parties != 3:
         raise InvalidConfigError(
             f"the ring engine runs exactly 3 parties, got {parties} (use --engine mpyc for more)"

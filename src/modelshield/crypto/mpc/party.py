@@ -95,7 +95,7 @@ def run_party(
         raise InvalidConfigError("--parties needs at least two HOST:PORT entries")
     if not 0 <= id < len(addresses):
         raise InvalidConfigError(f"--id must be in 0..{len(addresses) - 1}, got {id}")
-    engine = resolve_engine(engine, len(addresses), task)
+    engine = resolve_engine(engine, len(addresses))
     if engine == "mpyc":
         require_mpyc()
     if role == "model" and task == "train":
@@ -164,17 +164,20 @@ def run_party(
         if role == "data" and data:  # checked above: a data party has --data
             _, xs, labels = _read_data(data, bounds, limit)
             xy = (xs, labels)
-        program = train_program(
-            role=role,
-            frac_bits=frac_bits,
-            int_bits=int_bits,
-            epochs=epochs,
-            lr=lr,
-            kind=kind,
+        train_settings: dict[str, Any] = dict(
+            role=role, frac_bits=frac_bits, int_bits=int_bits, epochs=epochs, lr=lr, kind=kind,
             xy=xy,
-            traffic=traffic,
-        )
-        result = _run_mpyc(id, addresses, program, traffic, timeout, log_level)
+        )  # fmt: skip
+        if engine == "ring":
+            from modelshield.crypto.mpc import ring
+            from modelshield.crypto.mpc.ring_train import train
+
+            result = ring.run_party(
+                id, addresses, timeout=timeout, traffic=traffic, program=train, **train_settings
+            )
+        else:
+            program = train_program(**train_settings, traffic=traffic)
+            result = _run_mpyc(id, addresses, program, traffic, timeout, log_level)
     result["wall_time"] = time.time() - started
     result["task"] = task
     outputs = result.pop("outputs", None)

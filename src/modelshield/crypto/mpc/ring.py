@@ -289,9 +289,11 @@ def run_party(
     *,
     timeout: float,
     traffic: Traffic | None = None,
-    **program: Any,
+    program: Callable[..., dict[str, Any]] | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
-    """Connect party ``pid`` to the others, run :func:`infer`, close the links."""
+    """Connect party ``pid`` to the others, run ``program`` (default :func:`infer`) with
+    ``settings``, close the links."""
     if len(addresses) != PARTIES:
         raise InvalidConfigError(
             f"the ring engine runs exactly {PARTIES} parties, got {len(addresses)} in --parties "
@@ -300,7 +302,7 @@ def run_party(
     net = Peers(pid, addresses, deadline=time.monotonic() + timeout, traffic=traffic)
     try:
         net.connect()
-        return infer(net, **program)
+        return (program or infer)(net, **settings)
     except MPCError as e:
         net.abort(str(e))
         raise

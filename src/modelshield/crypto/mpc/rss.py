@@ -169,6 +169,16 @@ class Ring3:
             return None
         return x.a + x.b + self.net.recv_tensor((receiver + 1) % PARTIES, x.shape)
 
+    def open_all(self, x: Shared) -> torch.Tensor:
+        """Reveal ``x`` to every party: each sends its second share to its predecessor."""
+        self.net.send_tensor(self.prev, x.b)
+        return x.a + x.b + self.net.recv_tensor(self.next, x.shape)
+
+    def mul_public(self, x: Shared, c: float, bits: int = 24) -> Shared:
+        """``x · c`` for a public real ``c``, with ``c`` carried at ``bits`` fractional bits
+        (more than ``f`` keeps a small factor such as a learning rate precise), one message."""
+        return self.truncate(x.scale(round(float(c) * 2**bits)), bits)
+
     def add_public(self, x: Shared, c: torch.Tensor | int) -> Shared:
         """``x + c`` for a public ``c`` (added to ``s0``: parties 0 and 2 hold it)."""
         if self.pid == 0:

@@ -64,6 +64,48 @@ def predict(w: np.ndarray, b: float, x: np.ndarray, kind: str) -> np.ndarray:
     return (z > (0.0 if kind == "logistic" else 0.5)).astype(np.int64)
 
 
+def check_settings(kind: str, epochs: int, lr: float) -> None:
+    if kind not in KINDS:
+        raise InvalidConfigError(f"--model must be logistic or linear, got {kind!r}")
+    if epochs < 1 or lr <= 0:
+        raise InvalidConfigError(f"--epochs must be ≥ 1 and --lr > 0, got {epochs}, {lr}")
+
+
+def train_meta(
+    role: str, xy: tuple[np.ndarray, np.ndarray] | None, hyper: dict[str, Any]
+) -> dict[str, Any]:
+    """What a party tells the others before training: its role, the settings, its shard's size."""
+    mine: dict[str, Any] = {"role": role, "hyper": hyper}
+    if role == "data":
+        if xy is None:
+            raise MPCError("a data party has no training shard to share")
+        labels = set(np.unique(xy[1]).tolist())
+        if not labels <= {0, 1}:
+            raise InvalidConfigError(
+                f"joint training fits a binary model: labels must be 0/1, got {sorted(labels)}"
+            )
+        mine["n"], mine["d"] = int(xy[0].shape[0]), int(xy[0].shape[1])
+    return mine
+
+
+def check_train_metas(metas: list[dict[str, Any]], hyper: dict[str, Any]) -> tuple[list[int], int]:
+    """The data parties' ids and the feature count; the parties must agree on the settings."""
+    try:
+        if any(m["hyper"] != hyper for m in metas):
+            raise MPCError(
+                f"parties disagree on the training settings: {[m['hyper'] for m in metas]}"
+            )
+        holders = [i for i, m in enumerate(metas) if m["role"] == "data"]
+        if not holders:
+            raise MPCError("joint training needs at least one data party")
+        dims = {int(metas[i]["d"]) for i in holders}
+    except (KeyError, TypeError, ValueError):
+        raise MPCError(f"a party sent malformed training metadata: {metas}") from None
+    if len(dims) != 1:
+        raise MPCError(f"data parties have different feature counts: {sorted(dims)}")
+    return holders, dims.pop()
+
+
 def train_program(
     *,
     role: str,
@@ -76,37 +118,14 @@ def train_program(
     traffic: Traffic | None = None,
 ) -> Any:
     """The training program of one party (a data party holding a shard, or a compute party)."""
-    if kind not in KINDS:
-        raise InvalidConfigError(f"--model must be logistic or linear, got {kind!r}")
-    if epochs < 1 or lr <= 0:
-        raise InvalidConfigError(f"--epochs must be ≥ 1 and --lr > 0, got {epochs}, {lr}")
+    check_settings(kind, epochs, lr)
     tr = traffic or Traffic()
     hyper = {"epochs": epochs, "lr": lr, "kind": kind, "frac_bits": frac_bits, "int_bits": int_bits}
 
     async def program(rt: Any) -> dict[str, Any]:
         with tr.during("meta"):
-            mine: dict[str, Any] = {"role": role, "hyper": hyper}
-            if role == "data":
-                if xy is None:
-                    raise MPCError("a data party has no training shard to share")
-                labels = set(np.unique(xy[1]).tolist())
-                if not labels <= {0, 1}:
-                    raise InvalidConfigError(
-                        f"joint training fits a binary model: labels must be 0/1, got {sorted(labels)}"
-                    )
-                mine["n"], mine["d"] = int(xy[0].shape[0]), int(xy[0].shape[1])
-            metas = await exchange_meta(rt, mine)
-        if any(m["hyper"] != hyper for m in metas):
-            raise MPCError(
-                f"parties disagree on the training settings: {[m['hyper'] for m in metas]}"
-            )
-        holders = [i for i, m in enumerate(metas) if m["role"] == "data"]
-        if not holders:
-            raise MPCError("joint training needs at least one data party")
-        dims = {metas[i]["d"] for i in holders}
-        if len(dims) != 1:
-            raise MPCError(f"data parties have different feature counts: {sorted(dims)}")
-        d = dims.pop()
+            metas = await exchange_meta(rt, train_meta(role, xy, hyper))
+        holders, d = check_train_metas(metas, hyper)
         secfxp = secfxp_type(rt, frac_bits, int_bits)
         t0 = time.perf_counter()
         shards = []
