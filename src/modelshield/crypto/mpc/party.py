@@ -37,13 +37,20 @@ TASKS = ("infer", "train")
 
 
 def _read_data(
-    path: str, bounds: tuple[float, float], limit: int | None
+    path: str, bounds: tuple[float, float], limit: int | None, int_bits: int
 ) -> tuple[Any, np.ndarray, np.ndarray]:
+    """This data party's rows, checked against the fixed-point range before any sharing."""
     from modelshield.core.data import load_dataset
 
     data = load_dataset(path, bounds=bounds)
     n = len(data) if limit is None else min(int(limit), len(data))
     x = data.x[:n].double().reshape(n, -1).numpy()
+    top = float(np.abs(x).max()) if x.size else 0.0
+    if not np.isfinite(top) or top >= 2 ** (int_bits - 1):
+        raise InvalidConfigError(
+            f"--int-bits {int_bits} holds values below {2 ** (int_bits - 1)}, but the "
+            f"inputs in {path} reach {top:.4g}: use more --int-bits or scale the data"
+        )
     return data, x, data.y[:n].numpy().astype(np.int64)
 
 
@@ -121,13 +128,7 @@ def run_party(
     if task == "infer":
         mpc_model = x = None
         if role == "data" and data:  # checked above: a data party has --data
-            _, x, labels = _read_data(data, bounds, limit)
-            top = float(np.abs(x).max()) if x.size else 0.0
-            if not np.isfinite(top) or top >= 2 ** (int_bits - 1):
-                raise InvalidConfigError(
-                    f"--int-bits {int_bits} holds values below {2 ** (int_bits - 1)}, but the "
-                    f"inputs in {data} reach {top:.4g}: use more --int-bits or scale the data"
-                )
+            _, x, labels = _read_data(data, bounds, limit, int_bits)
         if role == "model" and model:  # and a model party --model
             from modelshield.crypto.mpc.model import load_mpc_model
 
@@ -162,7 +163,7 @@ def run_party(
 
         xy = None
         if role == "data" and data:  # checked above: a data party has --data
-            _, xs, labels = _read_data(data, bounds, limit)
+            _, xs, labels = _read_data(data, bounds, limit, int_bits)
             xy = (xs, labels)
         train_settings: dict[str, Any] = dict(
             role=role, frac_bits=frac_bits, int_bits=int_bits, epochs=epochs, lr=lr, kind=kind,
