@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -127,9 +128,7 @@ def launch(
             failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 # the cause is the party that did not fail because another one left
-                first = min(
-                    failed, key=lambda i: ("disconnected" in _last_error(logs[i]), _mtime(logs[i]))
-                )
+                first = min(failed, key=lambda i: (_echoed(_last_error(logs[i])), _mtime(logs[i])))
                 raise MPCError(
                     f"party {first} ({specs[first].role}) failed: {_last_error(logs[first])}"
                 )
@@ -143,6 +142,12 @@ def launch(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return [json.loads((out / f"party-{i}.json").read_text()) for i in range(len(specs))]
+
+
+def _echoed(error: str) -> bool:
+    """Does this party's error only pass on another party's ("party 2 disconnected ...",
+    "party 0 failed: ...")? The launcher reports the party where the failure began."""
+    return "disconnected" in error or re.match(r"party \d+ failed: ", error) is not None
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -364,7 +369,7 @@ def _plain_time(module: Any, x: np.ndarray, shape: tuple[int, ...]) -> float:
 def run_train(**opts: Any) -> dict[str, Any]:
     """``mpc train``: each data file is one party's horizontal shard; train in MPC."""
     from modelshield.core.data import load_dataset
-    from modelshield.crypto.mpc.train import KINDS, plaintext_gd, predict
+    from modelshield.crypto.mpc.train import KINDS, plaintext_gd, predict, ring_wrap_risk
 
     paths = [p for p in str(opts["data"]).split(",") if p.strip()]
     if not paths:
@@ -383,6 +388,11 @@ def run_train(**opts: Any) -> dict[str, Any]:
     for p in paths:
         d = load_dataset(p, bounds=bounds)
         shards.append((d.x.double().reshape(len(d), -1).numpy(), d.y.numpy().astype(np.int64)))
+        labels = sorted(set(shards[-1][1].tolist()))
+        if not set(labels) <= {0, 1}:
+            raise InvalidConfigError(
+                f"joint training fits a binary model: labels in {p} must be 0/1, got {labels}"
+            )
     epochs, lr = int(opts.get("epochs") or 30), float(opts.get("lr") or 1.0)
     frac = int(opts.get("frac_bits") or DEFAULT_FRAC_BITS)
     common = [
@@ -407,7 +417,8 @@ def run_train(**opts: Any) -> dict[str, Any]:
     else:
         xe, ye = np.concatenate([s[0] for s in shards]), np.concatenate([s[1] for s in shards])
         evaluated_on = "the pooled training data"
-    same_w, same_b = plaintext_gd(shards, epochs=epochs, lr=lr, kind=kind, link="hard")
+    peaks: dict[str, float] = {}
+    same_w, same_b = plaintext_gd(shards, epochs=epochs, lr=lr, kind=kind, link="hard", peaks=peaks)
     pool_w, pool_b = plaintext_gd(shards, epochs=epochs, lr=lr, kind=kind, link="exact")
     t0 = time.perf_counter()
     plaintext_gd(shards, epochs=epochs, lr=lr, kind=kind, link="hard")
@@ -443,6 +454,15 @@ def run_train(**opts: Any) -> dict[str, Any]:
         "wall_time": wall,
         "command": opts.get("command") or _command(),
     }
+    if engine == "ring":
+        n_all, n_features = sum(len(s[1]) for s in shards), int(shards[0][0].shape[1])
+        risk = ring_wrap_risk(n_all, n_features, epochs, peaks, frac)
+        result["truncation_failure_bound"] = risk
+        if risk > WRAP_RISK_WARN:
+            logger.warning(
+                "the training's truncations may wrap around (probability up to %.2g): check "
+                "max_weight_error, or use fewer --frac-bits", risk,
+            )  # fmt: skip
     if opts.get("transcripts"):
         result["transcripts"] = [r.get("transcript") for r in records]
     atomic_write_json(out / "result.json", result)

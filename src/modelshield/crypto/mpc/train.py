@@ -41,11 +41,17 @@ def plaintext_gd(
     lr: float,
     kind: str,
     link: str = "hard",
+    peaks: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Full-batch gradient descent on the pooled shards (``link``: hard or exact sigmoid)."""
+    """Full-batch gradient descent on the pooled shards (``link``: hard or exact sigmoid).
+
+    ``peaks``, when given, receives the largest |z| and |Xᵀe| of the run (the values the
+    secure run truncates), for :func:`ring_wrap_risk`.
+    """
     x = np.concatenate([s[0] for s in shards])
     y = np.concatenate([s[1] for s in shards]).astype(np.float64)
     w, b = np.zeros(x.shape[1]), 0.0
+    top_z = top_g = 0.0
     for _ in range(epochs):
         z = x @ w + b
         if kind == "logistic":
@@ -53,9 +59,26 @@ def plaintext_gd(
         else:
             p = z
         e = p - y
-        w = w - lr / len(y) * (x.T @ e)
+        g = x.T @ e
+        top_z = max(top_z, float(np.abs(z).max(initial=0.0)))
+        top_g = max(top_g, float(np.abs(g).max(initial=0.0)), abs(float(e.sum())))
+        w = w - lr / len(y) * g
         b = b - lr / len(y) * float(e.sum())
+    if peaks is not None:
+        peaks.update(z=top_z, gradient=top_g)
     return w, b
+
+
+def ring_wrap_risk(n: int, d: int, epochs: int, peaks: dict[str, float], frac_bits: int) -> float:
+    """Bound on the chance that a truncation of the ring engine's training wraps around.
+
+    Per epoch it truncates ``n`` values ``z`` and ``d`` gradients at scale ``2^2f``, and
+    ``d + 1`` steps at scale ``2^(f+24)``; each wraps with probability ``|value|/2^64``.
+    """
+    scale2 = 2.0 ** (2 * frac_bits)
+    per_epoch = n * peaks["z"] * scale2 + d * peaks["gradient"] * scale2
+    per_epoch += (d + 1) * peaks["gradient"] * 2.0 ** (frac_bits + 24)
+    return min(1.0, epochs * per_epoch / 2.0**64)
 
 
 def predict(w: np.ndarray, b: float, x: np.ndarray, kind: str) -> np.ndarray:
