@@ -42,6 +42,9 @@ MIN_PARTIES = 3
 """Shamir with threshold ``(m-1)//2`` hides inputs from one party only when ``m ≥ 3``."""
 WRAP_RISK_WARN = 1e-4
 """Warn when a ring-engine truncation may spoil more than one sample in 10^4."""
+TRAIN_WRAP_RISK_WARN = 1e-3
+"""Warn when a ring-engine training run may go wrong once in 10^3 (it shows in
+``max_weight_error``, which compares with the same algorithm in float64)."""
 SECURITY = {
     "mpyc": "Shamir secret sharing (MPyC), threshold {t} of {m}: passive (semi-honest) "
     "adversary, honest majority",
@@ -456,9 +459,9 @@ def run_train(**opts: Any) -> dict[str, Any]:
     }
     if engine == "ring":
         n_all, n_features = sum(len(s[1]) for s in shards), int(shards[0][0].shape[1])
-        risk = ring_wrap_risk(n_all, n_features, epochs, peaks, frac)
+        risk = ring_wrap_risk(n_all, n_features, epochs, lr, peaks, frac)
         result["truncation_failure_bound"] = risk
-        if risk > WRAP_RISK_WARN:
+        if risk > TRAIN_WRAP_RISK_WARN:
             logger.warning(
                 "the training's truncations may wrap around (probability up to %.2g): check "
                 "max_weight_error, or use fewer --frac-bits", risk,

@@ -69,15 +69,18 @@ def plaintext_gd(
     return w, b
 
 
-def ring_wrap_risk(n: int, d: int, epochs: int, peaks: dict[str, float], frac_bits: int) -> float:
+def ring_wrap_risk(
+    n: int, d: int, epochs: int, lr: float, peaks: dict[str, float], frac_bits: int
+) -> float:
     """Bound on the chance that a truncation of the ring engine's training wraps around.
 
     Per epoch it truncates ``n`` values ``z`` and ``d`` gradients at scale ``2^2f``, and
-    ``d + 1`` steps at scale ``2^(f+24)``; each wraps with probability ``|value|/2^64``.
+    ``d + 1`` steps ``lr/n · gradient`` at scale ``2^(f+24)``; each wraps with probability
+    ``|value|/2^64`` (a wrong run then shows in ``max_weight_error``).
     """
     scale2 = 2.0 ** (2 * frac_bits)
     per_epoch = n * peaks["z"] * scale2 + d * peaks["gradient"] * scale2
-    per_epoch += (d + 1) * peaks["gradient"] * 2.0 ** (frac_bits + 24)
+    per_epoch += (d + 1) * peaks["gradient"] * lr / n * 2.0 ** (frac_bits + 24)
     return min(1.0, epochs * per_epoch / 2.0**64)
 
 
