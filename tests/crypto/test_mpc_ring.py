@@ -405,3 +405,29 @@ def test_a_data_party_refuses_inputs_beyond_its_range(tmp_path: Path) -> None:
                 "--out", str(tmp_path / "p1"), "--timeout", "20")  # fmt: skip
     assert_one_line_error(r, "--int-bits 12", "5000")
     assert not (tmp_path / "p1" / "party-1.json").exists()
+
+
+def test_a_one_output_sigmoid_model_gives_its_labels(tmp_path: Path) -> None:
+    """A binary model with one sigmoid output (TorchScript): label = logit > 0 on shares."""
+    digits = load_dataset("digits")
+    keep = [i for i in range(len(digits)) if int(digits.y[i]) in (3, 8)]
+    data = digits.subset(keep)
+    data.y = (data.y == 8).long()
+    data.num_classes = 2
+    data.to_npz(tmp_path / "bin.npz")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 1), nn.Sigmoid())
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(60):
+        loss = nn.functional.binary_cross_entropy(net(data.x).squeeze(1), data.y.float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.jit.save(torch.jit.script(net.eval()), tmp_path / "bin.ts")
+    r = run_cli("mpc", "infer", "--model", str(tmp_path / "bin.ts"), "--data",
+                str(tmp_path / "bin.npz"), "--out", str(tmp_path / "o"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert res["engine"] == "ring" and res["n"] == len(data)
+    assert res["argmax_agreement"] >= 0.995 and 0.6 < res["plaintext_accuracy"] < 1.0, res
+    assert abs(res["accuracy"] - res["plaintext_accuracy"]) <= 0.005

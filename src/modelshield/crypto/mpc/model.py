@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelshield.core.errors import DataError, UnsupportedModelError
+from modelshield.core.errors import DataError, InvalidConfigError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -377,13 +377,20 @@ def load_mpc_model(
     """Load a model file with the project's safe loader and compile it for MPC."""
     from modelshield.core.loading import load_model
 
-    loaded = load_model(
-        path,
+    opts: dict[str, Any] = dict(
         trust_pickle=trust_pickle,
         arch=arch,
         input_shape=tuple(input_shape) if input_shape else None,
         device="cpu",
     )
+    try:
+        loaded = load_model(path, **opts)
+    except InvalidConfigError as e:
+        # one output (a logit, or a sigmoid MPC drops): the classifier wrapper wants two
+        # classes, while the layer reader below takes the model's real output size
+        if arch or not str(e).endswith("num_classes must be an integer >= 2, got 1"):
+            raise
+        loaded = load_model(path, num_classes=2, **opts)
     if loaded.classifier is None or not isinstance(loaded.obj, nn.Module):
         raise UnsupportedModelError(
             f"MPC inference evaluates a torch model; got a {loaded.kind} model"
