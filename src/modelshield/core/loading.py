@@ -713,6 +713,23 @@ def _load_onnx(
     return LoadedModel("onnx", None, oracle, report, obj=None)
 
 
+def load_given_model(
+    opts: dict[str, Any], input_shape: tuple[int, ...], device: Any
+) -> LoadedModel:
+    """``--model``, loaded as the shared model options say (``--trust-pickle``, ``--arch``,
+    ``--bounds``, ``--mean``, ``--std``)."""
+    return load_model(
+        opts["model"],
+        trust_pickle=opts["trust_pickle"],
+        arch=opts.get("arch"),
+        input_shape=input_shape,
+        bounds=opts["bounds"],
+        mean=opts.get("mean"),
+        std=opts.get("std"),
+        device=device,
+    )
+
+
 def check_fits(model: LoadedModel, labels: torch.Tensor, flag: str = "--data") -> None:
     """Raise :class:`DataError` when ``labels`` name classes the model cannot predict."""
     head = model.classifier or model.oracle

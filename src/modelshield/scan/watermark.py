@@ -20,7 +20,13 @@ from typing import Any
 from modelshield.core.classifier import from_torch
 from modelshield.core.errors import InvalidConfigError, UnsupportedModelError
 from modelshield.core.io import atomic_write_json
-from modelshield.core.loading import LoadedModel, build_arch, check_fits, load_model
+from modelshield.core.loading import (
+    LoadedModel,
+    build_arch,
+    check_fits,
+    load_given_model,
+    load_model,
+)
 from modelshield.core.results import ProbeResult
 from modelshield.core.threat import QueryAccess
 from modelshield.report import build_report, write_reports
@@ -142,16 +148,7 @@ def _start_module(
 ) -> tuple[Any, LoadedModel | None]:
     """The module to mark: the user's model (fine-tuning) or ``--arch`` from scratch."""
     if opts.get("model"):
-        loaded = load_model(
-            opts["model"],
-            trust_pickle=opts["trust_pickle"],
-            arch=opts.get("arch"),
-            input_shape=input_shape,
-            bounds=opts["bounds"],
-            mean=opts.get("mean"),
-            std=opts.get("std"),
-            device=device,
-        )
+        loaded = load_given_model(opts, input_shape, device)
         if loaded.classifier is None or not hasattr(loaded.classifier.module, "parameters"):
             raise UnsupportedModelError(
                 f"cannot train a {loaded.kind} model; give a torch model (torch.export, TorchScript, "

@@ -251,17 +251,14 @@ def embed_and_evaluate(
     a model trained from scratch has no "before") and after, and a white-box verification
     of the marked model. ``kwargs`` go to :func:`embed`."""
     started = time.perf_counter()
-    has_test = test_x is not None and test_y is not None
     from_scratch = bool(kwargs.get("from_scratch", False))
     before = None
-    if has_test and not from_scratch:
-        assert test_x is not None and test_y is not None
+    if test_x is not None and test_y is not None and not from_scratch:
         before = accuracy(module, test_x, test_y)
     history: list[dict[str, Any]] = []
     module = embed(module, train_x, train_y, key, history=history, **kwargs)
     after = None
-    if has_test:
-        assert test_x is not None and test_y is not None
+    if test_x is not None and test_y is not None:
         after = accuracy(module, test_x, test_y)
     verdict = verify(module, key, significance=significance)
     config: dict[str, Any] = {

@@ -25,6 +25,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -185,20 +186,7 @@ class Peers:
 
     def _read(self, sock: socket.socket, n: int) -> bytes:
         """``n`` bytes (waiting as long as the link is open; an idle peer is not an error)."""
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            try:
-                k = sock.recv_into(view[got:], n - got)
-            except TimeoutError:
-                if self._closed.is_set():
-                    raise EOFError from None
-                continue
-            if k == 0:
-                raise EOFError
-            got += k
-        return bytes(buf)
+        return _read_exact(sock, n, keep_waiting=lambda: not self._closed.is_set())
 
     # -- messages ------------------------------------------------------------------------
 
@@ -289,13 +277,23 @@ class Peers:
             s.close()
 
 
-def _read_exact(sock: socket.socket, n: int) -> bytes:
-    """``n`` bytes from a blocking (or timed) socket; EOFError if it closes first."""
+def _read_exact(
+    sock: socket.socket, n: int, keep_waiting: Callable[[], bool] | None = None
+) -> bytes:
+    """``n`` bytes; EOFError if the socket closes first. A timed socket's timeout is
+    raised, unless ``keep_waiting()`` says to go on waiting (then EOFError once it stops)."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        try:
+            k = sock.recv_into(view[got:], n - got)
+        except TimeoutError:
+            if keep_waiting is None:
+                raise
+            if not keep_waiting():
+                raise EOFError from None
+            continue
         if k == 0:
             raise EOFError
         got += k

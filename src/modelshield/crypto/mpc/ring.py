@@ -173,7 +173,7 @@ def labels(proto: Ring3, logits: Shared) -> Shared:
 # --------------------------------------------------------------------------------------
 
 
-def _swap(net: Peers, mine: Any) -> list[Any]:
+def exchange(net: Peers, mine: Any) -> list[Any]:
     """Every party's public metadata, in party order (sent to all, in the clear)."""
     for j in range(len(net.addresses)):
         if j != net.pid:
@@ -206,7 +206,7 @@ def infer(
     tr = net.traffic
     with tr.during("meta"):
         mine = public_meta(role, x, frac_bits, int_bits, batch_size, reveal)
-        metas = _swap(net, {**mine, "engine": "ring"})
+        metas = exchange(net, {**mine, "engine": "ring"})
     mp, dp = model_and_data_party(metas)
     dmeta = metas[dp]
     with tr.during("meta"):
@@ -261,7 +261,7 @@ def infer(
         batch_seconds.append(time.perf_counter() - tb)
     seconds = time.perf_counter() - t0
     with tr.during("control"):
-        _swap(net, "done")  # nobody closes a link another party still reads from
+        exchange(net, "done")  # nobody closes a link another party still reads from
     result: dict[str, Any] = {
         "role": role,
         "pid": net.pid,
@@ -352,14 +352,10 @@ def in_threads(fn: Callable[[Peers], Any], *, timeout: float = 120.0) -> list[An
     results: list[Any] = [None] * PARTIES
 
     def go(i: int) -> None:
-        net = Peers(i, addresses, deadline=time.monotonic() + timeout)
         try:
-            results[i] = fn(net.connect())
+            results[i] = run_party(i, addresses, timeout=timeout, program=fn)
         except BaseException as e:  # handed to the caller below
-            net.abort(str(e))
             results[i] = e
-        finally:
-            net.close()
 
     threads = [threading.Thread(target=go, args=(i,), daemon=True) for i in range(PARTIES)]
     for t in threads:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from modelshield.crypto.mpc.net import Peers
-from modelshield.crypto.mpc.ring import _swap, check_bits
+from modelshield.crypto.mpc.ring import check_bits, exchange
 from modelshield.crypto.mpc.rss import Ring3, Shared, cat, decode, encode
 from modelshield.crypto.mpc.train import check_settings, check_train_metas, train_meta
 
@@ -39,7 +39,7 @@ def train(
     hyper = {"epochs": epochs, "lr": lr, "kind": kind, "frac_bits": frac_bits, "int_bits": int_bits}
     tr = net.traffic
     with tr.during("meta"):
-        metas = _swap(net, train_meta(role, xy, hyper))
+        metas = exchange(net, train_meta(role, xy, hyper))
     holders, d = check_train_metas(metas, hyper)
     check_bits(frac_bits, int_bits)
     f = frac_bits
@@ -81,7 +81,7 @@ def train(
         bv = decode(proto.open_all(b), f).reshape(-1)
     seconds = time.perf_counter() - t0
     with tr.during("control"):
-        _swap(net, "done")
+        exchange(net, "done")
     return {
         "role": role,
         "pid": net.pid,

@@ -227,18 +227,6 @@ class Ring3:
             start += n
         return res
 
-    def mul_many(self, pairs: list[tuple[Shared, Shared]]) -> list[Shared]:
-        """Several elementwise products in one round (one message)."""
-        z = [x.a * y.a + x.a * y.b + x.b * y.a for x, y in pairs]
-        flat = torch.cat([t.reshape(-1) for t in z])
-        out = self._reshare(flat + self._zero(flat.shape))
-        res, start = [], 0
-        for t in z:
-            n = t.numel()
-            res.append(out.map(lambda u, s=start, n=n, sh=t.shape: u[s : s + n].reshape(sh)))
-            start += n
-        return res
-
     def truncate(self, x: Shared, bits: int | None = None) -> Shared:
         """``x / 2^bits`` (default ``f``) on replicated shares: one message, party 1 → 0.
 

@@ -26,7 +26,13 @@ from modelshield.core.data import Dataset
 from modelshield.core.device import select_device
 from modelshield.core.errors import InvalidConfigError, UnsupportedModelError
 from modelshield.core.io import atomic_open
-from modelshield.core.loading import LoadedModel, check_fits, load_model, save_exported
+from modelshield.core.loading import (
+    LoadedModel,
+    check_fits,
+    load_given_model,
+    load_model,
+    save_exported,
+)
 from modelshield.core.results import ProbeResult
 from modelshield.core.seeding import check_seed, seed_everything
 from modelshield.defenses.adversarial import AdversarialTrainingConfig, adversarial_train
@@ -35,7 +41,6 @@ from modelshield.scan.harden.common import (
     HardenOutcome,
     check_profile,
     hardening_result,
-    load_given_model,
     load_pair,
     renamed,
     train_baseline,

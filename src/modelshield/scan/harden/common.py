@@ -5,7 +5,8 @@ model (or gateway config), measures it again with the *same* probes, and writes 
 whose first section is the side-by-side comparison. This module holds the parts that do
 not depend on the defence: the resumable per-side measurement (:class:`Comparison`), the
 comparison section (:func:`hardening_result`), the start of a run (:func:`start`,
-:func:`load_pair`, :func:`load_given_model`), the report and ``result.json``
+:func:`load_pair`; the model through
+:func:`~modelshield.core.loading.load_given_model`), the report and ``result.json``
 (:func:`write_report`, :func:`finish`).
 """
 
@@ -25,7 +26,6 @@ from modelshield import __version__
 from modelshield.core.data import Dataset, load_dataset
 from modelshield.core.errors import DataError, InvalidConfigError
 from modelshield.core.io import atomic_write_json
-from modelshield.core.loading import LoadedModel, load_model
 from modelshield.core.results import ProbeResult
 from modelshield.core.train import train_classifier
 from modelshield.report import build_report, write_reports
@@ -64,22 +64,6 @@ def start(opts: dict[str, Any], *, profile: bool = True) -> tuple[float, Any]:
     if profile:
         check_profile(opts["profile"])
     return started, device
-
-
-def load_given_model(
-    opts: dict[str, Any], input_shape: tuple[int, ...], device: Any
-) -> LoadedModel:
-    """``--model``, loaded as the shared model options say."""
-    return load_model(
-        opts["model"],
-        trust_pickle=opts["trust_pickle"],
-        arch=opts.get("arch"),
-        input_shape=input_shape,
-        bounds=opts["bounds"],
-        mean=opts.get("mean"),
-        std=opts.get("std"),
-        device=device,
-    )
 
 
 def load_pair(

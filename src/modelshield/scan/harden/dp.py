@@ -21,7 +21,7 @@ from torch import nn
 
 from modelshield.core.classifier import Classifier, from_torch
 from modelshield.core.errors import InvalidConfigError, UnsupportedModelError
-from modelshield.core.loading import build_arch, check_fits, load_model
+from modelshield.core.loading import build_arch, check_fits, load_given_model, load_model
 from modelshield.core.results import ProbeResult
 from modelshield.poisoning.audit import fresh_copy
 from modelshield.privacy.dp import _check_budget, plan_noise, plan_steps, train_dp
@@ -31,7 +31,6 @@ from modelshield.scan.harden.common import (
     HardenOutcome,
     finish,
     hardening_result,
-    load_given_model,
     load_pair,
     open_run,
     start,

@@ -26,7 +26,7 @@ from modelshield.core.classifier import Classifier
 from modelshield.core.data import load_dataset
 from modelshield.core.errors import InvalidConfigError, OracleError, UnsupportedModelError
 from modelshield.core.io import atomic_write_json
-from modelshield.core.loading import check_fits
+from modelshield.core.loading import check_fits, load_given_model
 from modelshield.core.oracle import Oracle
 from modelshield.core.results import ProbeResult
 from modelshield.core.threat import QueryAccess
@@ -35,7 +35,6 @@ from modelshield.scan.harden.common import (
     HardenOutcome,
     finish,
     hardening_result,
-    load_given_model,
     open_run,
     start,
 )

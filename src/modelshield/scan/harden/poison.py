@@ -16,7 +16,7 @@ from typing import Any
 
 from modelshield.core.classifier import Classifier
 from modelshield.core.errors import UnsupportedModelError
-from modelshield.core.loading import check_fits, load_model
+from modelshield.core.loading import check_fits, load_given_model, load_model
 from modelshield.core.results import PoisonResult, ProbeResult
 from modelshield.poisoning.audit import audit_training_data
 from modelshield.poisoning.detectors import POISON_DETECTORS
@@ -27,7 +27,6 @@ from modelshield.scan.harden.common import (
     HardenOutcome,
     finish,
     hardening_result,
-    load_given_model,
     load_pair,
     open_run,
     start,
